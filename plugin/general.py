@@ -1,0 +1,90 @@
+"""``vllm.general_plugins`` entry point: runs in every vLLM process.
+
+In each process it makes sure the session directory exists (the API server
+creates it while vLLM parses its arguments, before the engine is started, so
+the engine and workers inherit its path) and installs two patches that only
+matter in the worker process, where the model is loaded:
+
+1. On CPU, vLLM copies each linear layer's weight into a oneDNN-packed buffer
+   and empties ``layer.weight``; in-place updates of the parameter would then
+   change nothing. The replacement dispatch keeps the real weight and computes
+   with ``F.linear`` on it.
+2. After the model loader has loaded and post-processed the weights (and before
+   warm-up), the weights are published for the trainer (``weight_export``).
+
+Nothing happens unless ``VLLM_PLUGINS`` names ``hogwild``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from . import session
+
+logger = logging.getLogger("hogwild.plugin")
+
+_installed = False
+_published = False
+
+
+def register() -> None:
+    """Entry point. Idempotent; inert unless the plugin was asked for."""
+    global _installed
+    if _installed or not session.enabled():
+        return
+    _installed = True
+    session.ensure_session_dir()
+    _patch_cpu_linear_dispatch()
+    _patch_model_loader()
+
+
+def _patch_cpu_linear_dispatch() -> None:
+    import torch
+    from vllm.model_executor.layers import utils
+
+    original = utils.dispatch_cpu_unquantized_gemm
+
+    def dispatch_live_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
+        # Non-2-D weights (MoE experts, conv) keep vLLM's handling.
+        if layer.weight.is_meta or layer.weight.ndim != 2 or not _training_possible():
+            return original(layer, remove_weight)
+        layer.cpu_linear = torch.nn.functional.linear
+
+    dispatch_live_weight.hogwild_original = original
+    utils.dispatch_cpu_unquantized_gemm = dispatch_live_weight
+
+
+def _training_possible() -> bool:
+    """False where the weights will not be published (e.g. tensor parallel):
+    then vLLM's fast packed path stays."""
+    from vllm.config import get_current_vllm_config
+
+    from .weight_export import unsupported_reason
+
+    try:
+        return unsupported_reason(get_current_vllm_config()) is None
+    except Exception:
+        return True
+
+
+def _patch_model_loader() -> None:
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    original = BaseModelLoader.load_model
+    if getattr(original, "hogwild_original", None):
+        return
+
+    def load_model_and_publish(self, vllm_config, model_config, prefix: str = ""):
+        model = original(self, vllm_config, model_config, prefix)
+        global _published
+        # Only the served model: a speculative-decoding drafter loads here too.
+        if not _published and model_config is vllm_config.model_config:
+            _published = True
+            from .weight_export import publish
+
+            publish(model, vllm_config, Path(session.ensure_session_dir()))
+        return model
+
+    load_model_and_publish.hogwild_original = original
+    BaseModelLoader.load_model = load_model_and_publish

@@ -1,0 +1,66 @@
+"""The plugin's HTTP routes, each served bare and under /v1."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from hogwild.worker.protocol import JobInfo
+
+from .frontend import Frontend
+from .http_errors import ApiError, PluginRoute
+from .schemas import ScoreRequest, ScoreResponse, TrainRequest
+
+router = APIRouter(route_class=PluginRoute)
+
+
+def frontend(request: Request) -> Frontend:
+    fe = getattr(request.app.state, "hogwild", None)
+    if fe is None:
+        raise ApiError(503, "the hogwild plugin has no engine in this server (render-only server?)")
+    return fe
+
+
+def admin(request: Request) -> Frontend:
+    fe = frontend(request)
+    fe.access.require_admin(request)
+    return fe
+
+
+def reader(request: Request) -> Frontend:
+    fe = frontend(request)
+    fe.access.require_reader(request)
+    return fe
+
+
+def both(path: str) -> list[str]:
+    return [path, "/v1" + path]
+
+
+async def train(body: TrainRequest, fe: Frontend = Depends(admin)) -> JobInfo:
+    """Queue a supervised full-weight update (``wait: true`` answers when it is done)."""
+    return await fe.train(body)
+
+
+async def train_status(fe: Frontend = Depends(reader)) -> dict:
+    """Queue, running job with progress, recent results, optimizer and memory."""
+    return await fe.status()
+
+
+async def train_job(job_id: str, fe: Frontend = Depends(reader)) -> JobInfo:
+    """One job's state and result."""
+    return await fe.job(job_id)
+
+
+async def score(body: ScoreRequest, fe: Frontend = Depends(reader)) -> ScoreResponse:
+    """Total log-likelihood of each range of the prompt, from vLLM's engine."""
+    return ScoreResponse(scores=await fe.score(body))
+
+
+for path in both("/train"):
+    router.add_api_route(path, train, methods=["POST"], response_model=JobInfo)
+for path in both("/train/status"):
+    router.add_api_route(path, train_status, methods=["GET"])
+for path in both("/train/{job_id}"):
+    router.add_api_route(path, train_job, methods=["GET"], response_model=JobInfo)
+for path in both("/score"):
+    router.add_api_route(path, score, methods=["POST"], response_model=ScoreResponse)

@@ -1,0 +1,80 @@
+"""Inside the API server: start the training subprocess and keep it running.
+
+With several API server processes (``--api-server-count``), each one tries an
+exclusive ``flock`` on the session's lock file; the one that gets it owns the
+trainer for the server's lifetime, the others only connect to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .session import lock_path
+
+logger = logging.getLogger("hogwild.plugin")
+
+
+class TrainerProcess:
+    def __init__(self, session: Path, state_dir: Path, threads: int | None = None):
+        self.session = session
+        self.state_dir = state_dir
+        self.threads = threads
+        self.proc: subprocess.Popen | None = None
+        self.lock_fd: int | None = None
+        self.restarts = 0
+        self.watcher: asyncio.Task | None = None
+
+    def try_own(self) -> bool:
+        """Take the trainer lock if no other API server process holds it."""
+        fd = os.open(lock_path(self.session), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.lock_fd = fd
+        return True
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "hogwild.worker", "--session", str(self.session), "--state-dir", str(self.state_dir),
+               "--parent-pid", str(os.getpid())]
+        if self.threads:
+            cmd += ["--threads", str(self.threads)]
+        env = dict(os.environ)
+        # Fixed mmap threshold: freed gradients go back to the OS instead of
+        # staying in glibc's heap, so the trainer holds only what it uses.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+        self.proc = subprocess.Popen(cmd, env=env)
+        self.started_at = time.monotonic()
+        logger.info("hogwild: started the training process (pid %d)", self.proc.pid)
+
+    async def watch(self) -> None:
+        """Restart the trainer if it dies (with a growing pause if it keeps dying)."""
+        pause = 0.5
+        while True:
+            await asyncio.sleep(0.5)
+            if self.proc is None or self.proc.poll() is None:
+                continue
+            logger.error("hogwild: the training process exited with code %s; restarting", self.proc.returncode)
+            lived = time.monotonic() - self.started_at
+            pause = 1.0 if lived > 60 else min(pause * 2, 30.0)
+            await asyncio.sleep(pause)
+            self.restarts += 1
+            self.start()
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

@@ -1,0 +1,167 @@
+"""Inside vLLM's worker: publish the loaded weights for the trainer to map.
+
+Runs once, right after the model is loaded and its weights post-processed, and
+before warm-up or compilation. On CPU every parameter's bytes move into one
+owner-only file in /dev/shm (an "arena") and the parameter is re-pointed at it,
+so another process can map the same pages. On GPU nothing moves: each
+parameter is described by its CUDA IPC handle. Either way the manifest also
+records how each Hugging Face parameter is a row slice of a vLLM tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from hogwild.worker.manifest import ARENA_NAME, CudaIpcHandle, HFSlice, Manifest, TensorEntry, write_manifest
+
+logger = logging.getLogger("hogwild.plugin")
+
+ALIGN = 4096  # page-aligned tensors: checkpoints diff blocks of this size
+
+
+class NotEnoughSharedMemory(RuntimeError):
+    pass
+
+
+def hf_slices(model: torch.nn.Module) -> dict[str, list[HFSlice]]:
+    """For every vLLM parameter, the HF parameters that are row slices of it.
+
+    Uses vLLM's own layer metadata: ``packed_modules_mapping`` with the fused
+    layer's ``output_sizes`` (q/k/v, gate/up), and ``org_vocab_size`` of vocab
+    embeddings (rows past it are padding).
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    packed = getattr(model, "packed_modules_mapping", {}) or {}
+    out: dict[str, list[HFSlice]] = {}
+    for module_name, module in model.named_modules():
+        leaf = module_name.rpartition(".")[2]
+        sizes = getattr(module, "output_sizes", None)
+        for pname, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{pname}" if module_name else pname
+            if leaf in packed and sizes and len(sizes) == len(packed[leaf]) and len(packed[leaf]) > 1:
+                parts, start = [], 0
+                prefix = module_name[: len(module_name) - len(leaf)]
+                for shard, size in zip(packed[leaf], sizes):
+                    parts.append(HFSlice(name=f"{prefix}{shard}.{pname}", start=start, stop=start + size))
+                    start += size
+                out[full] = parts
+            elif isinstance(module, VocabParallelEmbedding):
+                out[full] = [HFSlice(name=full, start=0, stop=module.org_vocab_size)]
+            else:
+                out[full] = [HFSlice(name=full, start=0, stop=param.shape[0])]
+    return out
+
+
+def _layout(params: list[tuple[str, torch.nn.Parameter]]) -> tuple[list[int], int]:
+    offsets, cursor = [], 0
+    for _, p in params:
+        offsets.append(cursor)
+        nbytes = p.numel() * p.element_size()
+        cursor += (nbytes + ALIGN - 1) // ALIGN * ALIGN
+    return offsets, cursor
+
+
+def export_cpu(model: torch.nn.Module, session: Path, slices: dict[str, list[HFSlice]]) -> tuple[list[TensorEntry], str, int]:
+    """Move every parameter into a shared-memory arena; returns entries, path, size."""
+    params = list(model.named_parameters())
+    offsets, total = _layout(params)
+    path = session / ARENA_NAME
+    free = os.statvfs(session).f_bavail * os.statvfs(session).f_frsize
+    if free < total:
+        raise NotEnoughSharedMemory(
+            f"the weights need {total / 2**20:.1f} MiB of shared memory in {session.parent}, "
+            f"only {free / 2**20:.1f} MiB is free (in Docker, raise --shm-size)"
+        )
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, total)
+    finally:
+        os.close(fd)
+    arena = torch.from_file(str(path), shared=True, size=total, dtype=torch.uint8)
+    entries = []
+    for (name, param), offset in zip(params, offsets):
+        if not param.is_contiguous():
+            raise RuntimeError(f"{name} is not contiguous")
+        nbytes = param.numel() * param.element_size()
+        shared = arena[offset : offset + nbytes].view(param.dtype).view(param.shape)
+        shared.copy_(param.data)
+        param.data = shared  # the old storage is freed here, one tensor at a time
+        entries.append(
+            TensorEntry(name=name, dtype=str(param.dtype).removeprefix("torch."), shape=list(param.shape),
+                        nbytes=nbytes, offset=offset, hf=slices[name])
+        )
+    return entries, str(path), total
+
+
+def export_cuda(model: torch.nn.Module, slices: dict[str, list[HFSlice]]) -> list[TensorEntry]:
+    """Describe every parameter by its CUDA IPC handle (nothing is copied)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    entries = []
+    for name, param in model.named_parameters():
+        _, args = reduce_tensor(param.data)
+        (_, size, stride, tensor_offset, _, dtype, device, handle, storage_size, storage_offset,
+         _, rc_handle, rc_offset, event_handle, event_sync) = args
+        entries.append(
+            TensorEntry(
+                name=name, dtype=str(dtype).removeprefix("torch."), shape=list(size),
+                nbytes=param.numel() * param.element_size(), hf=slices[name],
+                cuda_ipc=CudaIpcHandle(
+                    device=int(device), handle=handle.hex(), storage_size_bytes=int(storage_size),
+                    storage_offset_bytes=int(storage_offset), ref_counter_handle=rc_handle.hex(),
+                    ref_counter_offset=int(rc_offset), event_handle=event_handle.hex() if event_handle else None,
+                    event_sync_required=bool(event_sync), tensor_offset=int(tensor_offset), stride=list(stride),
+                ),
+            )
+        )
+    return entries
+
+
+def unsupported_reason(vllm_config) -> str | None:
+    """Why this server's weights cannot be trained in place, or None."""
+    par = vllm_config.parallel_config
+    if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
+        return (f"training with tensor parallel size {par.tensor_parallel_size} and pipeline parallel size "
+                f"{par.pipeline_parallel_size} is not supported yet (inference works); serve with both set to 1 to train")
+    if getattr(par, "data_parallel_size", 1) > 1:
+        return "training with data parallel size > 1 is not supported yet (inference works)"
+    if vllm_config.quant_config is not None or vllm_config.model_config.quantization:
+        return f"training a quantized model ({vllm_config.model_config.quantization}) is not supported"
+    if vllm_config.device_config.device.type not in ("cpu", "cuda"):
+        return f"training on {vllm_config.device_config.device.type} is not supported"
+    return None
+
+
+def publish(model: torch.nn.Module, vllm_config, session: Path) -> Manifest:
+    """Export the weights (or the reason they cannot be) and write the manifest."""
+    import vllm
+
+    model_config = vllm_config.model_config
+    base = dict(
+        model=str(model_config.model),
+        architectures=list(getattr(model_config.hf_config, "architectures", None) or []),
+        dtype=str(model_config.dtype).removeprefix("torch."),
+        worker_pid=os.getpid(),
+        vllm_version=vllm.__version__,
+    )
+    reason = unsupported_reason(vllm_config)
+    manifest = Manifest(backend="none", unsupported=reason, **base)
+    if reason is None:
+        try:
+            slices = hf_slices(model)
+            if vllm_config.device_config.device.type == "cuda":
+                manifest = Manifest(backend="cuda_ipc", tensors=export_cuda(model, slices), **base)
+            else:
+                entries, path, total = export_cpu(model, session, slices)
+                manifest = Manifest(backend="cpu_shm", arena=path, arena_bytes=total, tensors=entries, **base)
+        except Exception as exc:  # inference must keep working whatever happens here
+            logger.exception("hogwild: could not publish the weights; training is disabled")
+            manifest = Manifest(backend="none", unsupported=f"weights could not be published: {exc}", **base)
+    write_manifest(manifest, session)
+    logger.info("hogwild: published %d tensors (%s) in %s", len(manifest.tensors), manifest.backend, session)
+    return manifest

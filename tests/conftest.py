@@ -1,0 +1,79 @@
+"""Shared fixtures. End-to-end tests share one real `vllm serve` per model for
+the whole session (start-up costs ~35 s on this machine)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hogwild import tiny_model
+from hogwild.launch import VllmServer
+
+API_KEY = "test-api-key"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return tiny_model.build(tmp_path_factory.mktemp("models") / "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return tiny_model.build(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama")
+
+
+class Served:
+    """A running server and what tests need to look inside it."""
+
+    def __init__(self, server: VllmServer, model_dir: Path, session: Path, state_dir: Path):
+        self.server, self.model_dir, self.session, self.state_dir = server, model_dir, session, state_dir
+        self.http = httpx.Client(base_url=server.url, headers=server.headers(), timeout=300)
+
+    def arena_digest(self) -> str:
+        """SHA-256 of every byte of the served weights (the shared arena)."""
+        return hashlib.sha256((self.session / "weights.bin").read_bytes()).hexdigest()
+
+    def complete(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
+        r = self.http.post("/v1/completions", json={"model": str(self.model_dir), "prompt": prompt_ids,
+                                                     "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["token_ids"]
+
+    def trainer_call(self, body) -> dict:
+        """Talk to the training subprocess directly over its ZMQ socket."""
+        from hogwild.plugin.trainer_client import TrainerClient
+
+        async def go():
+            client = TrainerClient(self.session)
+            try:
+                return await client.request(body)
+            finally:
+                client.close()
+
+        return asyncio.run(go())
+
+
+def start_served(model_dir: Path, tmp: Path, name: str, **kwargs) -> tuple[VllmServer, Served]:
+    session = Path("/dev/shm") / f"hogwild-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    state_dir = tmp / f"{name}-state"
+    server = VllmServer(model_dir, log_path=tmp / f"{name}-vllm.log", api_key=API_KEY,
+                        env={"HOGWILD_SESSION_DIR": str(session), "HOGWILD_STATE_DIR": str(state_dir)}, **kwargs)
+    server.start()
+    server.wait_trainer()
+    return server, Served(server, model_dir, session, state_dir)
+
+
+@pytest.fixture(scope="session")
+def served(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("served")
+    server, handle = start_served(tiny_model_dir, tmp, "qwen2", dtype="float32")
+    yield handle
+    server.stop()
+    shutil.rmtree(handle.session, ignore_errors=True)

@@ -1,0 +1,194 @@
+"""The spine on real `vllm serve`: train in place, serve the trained model at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hogwild.worker.manifest import read_manifest
+from hogwild.worker.protocol import TokenLogprobsOp
+from hogwild.worker.views import map_tensors
+
+from ..conftest import API_KEY
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def tok(served):
+    return AutoTokenizer.from_pretrained(served.model_dir)
+
+
+def train(served, samples, **options) -> dict:
+    r = served.http.post("/train", json={"samples": samples, "wait": True, **options})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["state"] == "succeeded", job
+    return job
+
+
+def vllm_position_logprobs(served, prompt: list[int]) -> list[float]:
+    ranges = [[p, p + 1] for p in range(1, len(prompt))]
+    r = served.http.post("/v1/score", json={"prompt": prompt, "score_ranges": ranges})
+    assert r.status_code == 200, r.text
+    return [s["total_logprob"] for s in r.json()["scores"]]
+
+
+def hf_model_with_served_weights(served):
+    """An ordinary HF model loaded from disk, then given a copy of the weights the
+    server holds now: an independent reference for vLLM's numbers."""
+    model = AutoModelForCausalLM.from_pretrained(served.model_dir, dtype=torch.float32)
+    manifest = read_manifest(served.session)
+    served_tensors = map_tensors(manifest)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for entry in manifest.tensors:
+            for part in entry.hf:
+                params[part.name].copy_(served_tensors[entry.name][part.start : part.stop])
+    return model.eval()
+
+
+def test_training_changes_the_very_next_completion(served, tok):
+    ctx = tok.encode("Once upon a time the server")
+    target = tok.encode(" learned a new sentence today.")
+    assert served.complete(ctx, len(target)) != target
+    job = train(served, [{"context_ids": ctx, "continuation_ids": target}], lr=1e-2, steps=40)
+    assert job["result"]["steps"] == 40
+    assert job["result"]["loss_after"] < 0.1 < job["result"]["loss_before"]
+    assert served.complete(ctx, len(target)) == target
+
+
+def test_trainer_views_and_vllm_agree_before_and_after_a_step(served, tok):
+    prompt = tok.encode("Parity between the trainer and vLLM, position by position.")
+
+    def trainer_logprobs():
+        return served.trainer_call(TokenLogprobsOp(token_ids=prompt))["logprobs"]
+
+    before_vllm, before_trainer = vllm_position_logprobs(served, prompt), trainer_logprobs()
+    assert max(abs(a - b) for a, b in zip(before_vllm, before_trainer)) < 1e-4
+
+    train(served, [{"context_ids": prompt[:5], "continuation_ids": prompt[5:]}], lr=1e-3, steps=1)
+    after_vllm, after_trainer = vllm_position_logprobs(served, prompt), trainer_logprobs()
+    assert max(abs(a - b) for a, b in zip(after_vllm, before_vllm)) > 1e-3, "the step changed nothing vLLM computes"
+    assert max(abs(a - b) for a, b in zip(after_vllm, after_trainer)) < 1e-4
+
+
+def test_score_totals_match_an_independent_hf_computation(served, tok):
+    prompt = tok.encode("Scoring reads the log-likelihood of each range of the prompt, summed over its tokens.")
+    ranges = [[0, 4], [3, 9], [len(prompt) - 5, len(prompt)], [1, len(prompt)]]
+    r = served.http.post("/v1/score", json={"model": str(served.model_dir), "prompt": prompt, "score_ranges": ranges, "logprobs": 1})
+    assert r.status_code == 200, r.text
+    scores = r.json()["scores"]
+    assert [s["range_index"] for s in scores] == list(range(len(ranges)))
+
+    model = hf_model_with_served_weights(served)
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    for (start, end), s in zip(ranges, scores):
+        positions = range(max(start, 1), end)
+        expected = sum(float(logprobs[p - 1, prompt[p]]) for p in positions)
+        assert s["n_tokens"] == len(positions)
+        assert abs(s["total_logprob"] - expected) < 1e-3, (start, end, s, expected)
+    # The bare path answers the same.
+    assert served.http.post("/score", json={"prompt": prompt, "score_ranges": ranges}).json()["scores"] == scores
+
+
+def test_the_trainer_holds_no_second_copy_of_the_weights(served):
+    memory = served.http.get("/train/status").json()["memory"]
+    # Every parameter of the trainer's model lives in the memory vLLM computes with...
+    assert memory["param_bytes"] > 0
+    assert memory["shared_param_bytes"] == memory["param_bytes"]
+    # ...and building it cost (almost) no private memory: a copy would cost param_bytes.
+    assert memory["binding_private_bytes"] < 0.1 * memory["param_bytes"], memory
+
+
+def test_a_job_without_wait_returns_its_id_at_once_and_reports_progress(served, tok):
+    ctx, cont = tok.encode("Jobs run in the background"), tok.encode(" and report progress.")
+    r = served.http.post("/v1/train", json={"samples": [{"context_ids": ctx, "continuation_ids": cont}], "lr": 1e-4, "steps": 20})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["state"] in ("queued", "running") and job["job_id"].startswith("job-")
+    deadline = time.monotonic() + 120
+    while job["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+        job = served.http.get(f"/train/{job['job_id']}").json()
+    assert job["state"] == "succeeded" and job["step"] == job["total_steps"] == 20
+    status = served.http.get("/v1/train/status").json()
+    recent = {j["job_id"]: j for j in status["recent"]}
+    assert recent[job["job_id"]]["result"]["loss_before"] is not None
+    assert status["optimizer"]["hyper"]["lr"] == 1e-4
+    assert status["optimizer"]["step"] >= 20
+    assert served.http.get("/train/job-doesnotexist").status_code == 404
+
+
+def test_inference_keeps_running_while_a_job_trains(served, tok):
+    ctx, cont = tok.encode("HOGWILD means nobody waits"), tok.encode(" for anybody else.")
+    r = served.http.post("/train", json={"samples": [{"context_ids": ctx, "continuation_ids": cont}], "lr": 1e-5, "steps": 600})
+    job_id = r.json()["job_id"]
+    during = 0
+    while True:
+        state = served.http.get(f"/train/{job_id}").json()["state"]
+        if state not in ("queued", "running"):
+            break
+        if state == "running":
+            served.complete(tok.encode("Meanwhile a user asks"), 8)
+            during += int(served.http.get(f"/train/{job_id}").json()["state"] == "running")
+    assert state == "succeeded"
+    assert during >= 3, "no completion finished while the job was running"
+
+
+def test_no_stale_prefix_cache_answers_after_an_update(served, tok):
+    # Longer than two KV blocks (128 tokens on CPU), so full blocks get cached.
+    prompt = (tok.encode("A long shared prefix that the engine caches block by block. ") * 40)[:300]
+    target = tok.encode(" Fresh weights, fresh cache.")
+    first = served.complete(prompt, len(target))
+    assert served.complete(prompt, len(target)) == first  # served from the prefix cache
+    train(served, [{"context_ids": prompt, "continuation_ids": target}], lr=1e-2, steps=40)
+    assert served.complete(prompt, len(target)) == target
+
+
+def test_a_sample_id_is_trained_once_and_the_ledger_survives_a_trainer_restart(served, tok):
+    sample = {"context_ids": tok.encode("Deduplicate me"), "continuation_ids": tok.encode(" once."), "id": f"s-{uuid.uuid4().hex}"}
+    first = train(served, [sample], lr=1e-4, steps=2)
+    assert first["skipped_ids"] == [] and first["result"]["steps"] == 2
+    digest = served.arena_digest()
+    again = train(served, [sample], lr=1e-4, steps=2)
+    assert again["skipped_ids"] == [sample["id"]] and again["result"]["steps"] == 0
+    assert served.arena_digest() == digest
+
+    old = served.http.get("/train/status").json()
+    os.kill(old["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline, "the trainer did not come back"
+        time.sleep(0.5)
+        status = served.http.get("/train/status").json()
+        if status.get("state") == "ready" and status["trainer_id"] != old["trainer_id"]:
+            break
+    assert status["server"]["trainer_restarts"] >= 1
+    assert train(served, [sample], lr=1e-4, steps=2)["skipped_ids"] == [sample["id"]]
+    assert served.arena_digest() == digest
+
+
+def test_routes_that_change_the_model_require_the_key(served, tok):
+    body = {"samples": [{"context_ids": [1, 2, 3], "continuation_ids": [4, 5]}], "wait": True}
+    digest = served.arena_digest()
+    for path in ("/train", "/v1/train"):
+        assert httpx.post(served.server.url + path, json=body).status_code == 401
+        assert httpx.post(served.server.url + path, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    for path in ("/train/status", "/v1/train/status", "/score", "/v1/score"):
+        method = httpx.get if path.endswith("status") else httpx.post
+        kwargs = {} if path.endswith("status") else {"json": {"prompt": [1, 2], "score_ranges": [[0, 2]]}}
+        assert method(served.server.url + path, **kwargs).status_code == 401, path
+        assert method(served.server.url + path, headers={"Authorization": f"Bearer {API_KEY}"}, **kwargs).status_code == 200
+    assert served.arena_digest() == digest

@@ -1,0 +1,116 @@
+"""Building the trainer's model from a weight manifest, without vLLM: the
+manifest here is written the way vLLM's worker lays weights out (q/k/v and
+gate/up fused along dim 0, vocabulary rows padded to a multiple of 64)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hogwild.worker.manifest import HFSlice, Manifest, TensorEntry, read_manifest, write_manifest
+from hogwild.worker.views import UnsupportedModel, build_view_model, shared_parameter_bytes
+
+
+def vllm_layout(model) -> list[tuple[str, torch.Tensor, list[HFSlice]]]:
+    """(vLLM name, fused tensor, HF slices) for a Qwen2/Llama HF model."""
+    sd = model.state_dict()
+    out = []
+    for name, tensor in sd.items():
+        if any(f".{p}_proj." in name for p in ("k", "v", "up")):
+            continue  # folded into the fused tensor of q / gate
+        if ".q_proj." in name or ".gate_proj." in name:
+            parts = ["q_proj", "k_proj", "v_proj"] if ".q_proj." in name else ["gate_proj", "up_proj"]
+            first = parts[0]
+            names = [name.replace(first, p) for p in parts]
+            fused_name = name.replace(first, "qkv_proj" if first == "q_proj" else "gate_up_proj")
+            slices, start = [], 0
+            for n in names:
+                slices.append(HFSlice(name=n, start=start, stop=start + sd[n].shape[0]))
+                start += sd[n].shape[0]
+            out.append((fused_name, torch.cat([sd[n] for n in names]), slices))
+        elif name.endswith("embed_tokens.weight") or name == "lm_head.weight":
+            rows = tensor.shape[0]
+            padded = torch.zeros((rows + 63) // 64 * 64, tensor.shape[1], dtype=tensor.dtype)
+            padded[:rows] = tensor
+            out.append((name, padded, [HFSlice(name=name, start=0, stop=rows)]))
+        else:
+            out.append((name, tensor, [HFSlice(name=name, start=0, stop=tensor.shape[0])]))
+    return out
+
+
+def publish(model, model_dir, directory) -> Manifest:
+    layout = vllm_layout(model)
+    arena = directory / "weights.bin"
+    offsets, cursor = [], 0
+    for _, t, _ in layout:
+        offsets.append(cursor)
+        cursor += (t.numel() * t.element_size() + 4095) // 4096 * 4096
+    with open(arena, "wb") as f:
+        f.truncate(cursor)
+    mapped = torch.from_file(str(arena), shared=True, size=cursor, dtype=torch.uint8)
+    entries = []
+    for (name, t, slices), off in zip(layout, offsets):
+        n = t.numel() * t.element_size()
+        mapped[off : off + n].view(t.dtype).view(t.shape).copy_(t)
+        entries.append(TensorEntry(name=name, dtype=str(t.dtype)[6:], shape=list(t.shape), nbytes=n, offset=off, hf=slices))
+    manifest = Manifest(model=str(model_dir), architectures=model.config.architectures, dtype="float32",
+                        backend="cpu_shm", arena=str(arena), arena_bytes=cursor, tensors=entries,
+                        worker_pid=os.getpid(), vllm_version="test")
+    write_manifest(manifest, directory)
+    return read_manifest(directory)
+
+
+@pytest.mark.parametrize("which", ["tiny_model_dir", "tiny_llama_dir"])
+def test_view_model_matches_and_writes_through(which, request, tmp_path):
+    model_dir = request.getfixturevalue(which)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    manifest = publish(reference, model_dir, tmp_path)
+    view = build_view_model(manifest)
+
+    ids = torch.tensor([[5, 17, 300, 42, 7, 1999]])
+    with torch.no_grad():
+        assert torch.allclose(view(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-6)
+    param_bytes = sum(p.numel() * p.element_size() for p in view.parameters())
+    assert shared_parameter_bytes(view) == param_bytes  # no parameter is a copy
+
+    # An in-place update of a trainer parameter is a write into the shared arena.
+    digest_before = (tmp_path / "weights.bin").read_bytes()
+    with torch.no_grad():
+        view.model.layers[0].self_attn.k_proj.weight.add_(1.0)
+    after = (tmp_path / "weights.bin").read_bytes()
+    changed = sum(a != b for a, b in zip(digest_before, after))
+    assert changed > 0
+    fused = next(t for t in manifest.tensors if t.name == "model.layers.0.self_attn.qkv_proj.weight")
+    k = fused.hf[1]
+    row_bytes = fused.shape[1] * 4
+    start, stop = fused.offset + k.start * row_bytes, fused.offset + k.stop * row_bytes
+    assert digest_before[:start] == after[:start] and digest_before[stop:] == after[stop:], "wrote outside k_proj's rows"
+
+
+def test_unsupported_architecture_is_a_clear_error(tiny_model_dir, tmp_path):
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    manifest = publish(reference, tiny_model_dir, tmp_path)
+    config_dir = tmp_path / "gpt2"
+    config_dir.mkdir()
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=64, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(config_dir)
+    with pytest.raises(UnsupportedModel, match="GPT2LMHeadModel is not supported for training; supported: Qwen2ForCausalLM, LlamaForCausalLM"):
+        build_view_model(manifest, model_dir=config_dir)
+
+
+def test_a_missing_served_tensor_is_named(tiny_model_dir, tmp_path):
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    manifest = publish(reference, tiny_model_dir, tmp_path)
+    manifest.tensors = [t for t in manifest.tensors if t.name != "model.norm.weight"]
+    with pytest.raises(UnsupportedModel, match="model.norm.weight"):
+        build_view_model(manifest)
+
+
+def test_the_manifest_refuses_another_version(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"version": 99}')
+    with pytest.raises(ValueError, match="version 99"):
+        read_manifest(tmp_path)

@@ -1,0 +1,29 @@
+"""Loss functions: plain functions of tensors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def continuation_nll(logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean negative log-likelihood of the labelled tokens.
+
+    ``logits``: (batch, seq, vocab) for positions 0..seq-1. ``labels``: (batch, seq),
+    the token each position must predict (already shifted: ``labels[:, t]`` is the
+    token at ``t + 1``), ``IGNORE_INDEX`` where no loss applies (context, padding).
+    ``token_weights``: (batch, seq), the weight of each labelled token (its sample's
+    weight). Returns ``(sum_w * nll / sum_w, sum_w)`` so that micro-batches can be
+    combined exactly: the caller rescales by ``sum_w / total_w``.
+    """
+    mask = labels != IGNORE_INDEX
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.clamp_min(0).reshape(-1),
+        reduction="none",
+    ).reshape(labels.shape)
+    w = token_weights.float() * mask
+    total_w = w.sum()
+    return (nll * w).sum() / total_w.clamp_min(torch.finfo(torch.float32).tiny), total_w

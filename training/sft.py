@@ -1,0 +1,185 @@
+"""Supervised full-weight training on (context, continuation) samples.
+
+The trainer is a loop you can read top to bottom: plan the batches, then for each
+one run forward/backward over micro-batches, refuse the step if the loss or the
+gradients are not finite (the weights stay bit-identical), clip, and take one
+APOLLO step. One optimizer lives across calls, so its state persists between jobs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from pydantic import Field
+
+from .apollo import ApolloHyper, ApolloStructure, apply_hyper, build_optimizer, optimizer_state_bytes
+from .batches import Sample, collate
+from .losses import continuation_nll
+
+
+class SFTOptions(ApolloStructure, ApolloHyper):
+    """Every optimizer and loop setting of a supervised job, with defaults."""
+
+    warmup_steps: int = Field(0, ge=0, le=1_000_000, description="linear lr warm-up over the optimizer's first N steps (global)")
+    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False, description="clip the global gradient norm; null disables")
+    steps: int | None = Field(None, ge=1, le=100_000, description="optimizer steps for this job; default epochs x batches")
+    epochs: int = Field(1, ge=1, le=10_000, description="passes over the samples (ignored when steps is set)")
+    batch_size: int | None = Field(None, ge=1, description="samples per optimizer step; default all samples")
+    micro_batch_size: int = Field(8, ge=1, le=4096, description="samples per forward pass (gradient accumulation)")
+    shuffle: bool = Field(True, description="shuffle samples each epoch")
+    seed: int = Field(0, ge=0, description="seed of the shuffle")
+
+    def structure(self) -> ApolloStructure:
+        return ApolloStructure(**{k: getattr(self, k) for k in ApolloStructure.model_fields})
+
+    def hyper(self) -> ApolloHyper:
+        return ApolloHyper(**{k: getattr(self, k) for k in ApolloHyper.model_fields})
+
+
+@dataclass
+class SFTResult:
+    """What a job did, as reported by ``/train/status``."""
+
+    steps: int = 0
+    steps_skipped: int = 0
+    skip_reasons: list[str] = field(default_factory=list)
+    loss_before: float | None = None
+    loss_after: float | None = None
+    last_loss: float | None = None
+    last_grad_norm: float | None = None
+    tokens: int = 0  # labelled (continuation) tokens processed by optimizer steps
+    train_seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    optimizer_reset: bool = False
+    optimizer_step: int = 0  # global step count after this job
+    stopped_early: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_steps(n_samples: int, options: SFTOptions) -> list[list[int]]:
+    """Sample indices of each optimizer step, epoch by epoch."""
+    batch = options.batch_size or n_samples
+    rng = random.Random(options.seed)
+    per_epoch = math.ceil(n_samples / batch)
+    total = options.steps if options.steps is not None else options.epochs * per_epoch
+    plan: list[list[int]] = []
+    while len(plan) < total:
+        order = list(range(n_samples))
+        if options.shuffle:
+            rng.shuffle(order)
+        plan.extend(order[i : i + batch] for i in range(0, n_samples, batch))
+    return plan[:total]
+
+
+def warmup_lr(peak: float, warmup_steps: int, step: int) -> float:
+    """Linear warm-up: step 0 gets peak/(warmup+1), full lr from step ``warmup_steps``."""
+    if step >= warmup_steps:
+        return peak
+    return peak * (step + 1) / (warmup_steps + 1)
+
+
+class SFTTrainer:
+    """Holds a causal LM and one APOLLO optimizer across jobs."""
+
+    def __init__(self, model: torch.nn.Module, pad_id: int = 0):
+        self.model = model
+        self.pad_id = pad_id
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.structure: ApolloStructure | None = None
+        self.hyper: ApolloHyper | None = None
+        self.global_step = 0
+        self.device = next(model.parameters()).device
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def optimizer_bytes(self) -> int:
+        return optimizer_state_bytes(self.optimizer) if self.optimizer is not None else 0
+
+    @torch.no_grad()
+    def evaluate(self, samples: Sequence[Sample], micro_batch_size: int = 8) -> float:
+        """Weighted mean NLL of the continuations, without touching any state."""
+        total, weight = 0.0, 0.0
+        for i in range(0, len(samples), micro_batch_size):
+            batch = collate(list(samples[i : i + micro_batch_size]), self.pad_id).to(self.device)
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            loss, w = continuation_nll(logits, batch.labels, batch.token_weights)
+            total += float(loss) * float(w)
+            weight += float(w)
+        return total / weight if weight else float("nan")
+
+    def run(
+        self,
+        samples: Sequence[Sample],
+        options: SFTOptions,
+        on_step: Callable[[int, int, SFTResult], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> SFTResult:
+        """Train on ``samples`` as ``options`` say; returns what happened."""
+        result = SFTResult()
+        structure = options.structure()
+        if self.optimizer is None or structure != self.structure:
+            result.optimizer_reset = self.optimizer is not None
+            self.optimizer = build_optimizer(self.model, structure, options.hyper())
+            self.structure = structure
+        self.hyper = options.hyper()
+
+        plan = plan_steps(len(samples), options)
+        result.loss_before = self.evaluate(samples, options.micro_batch_size)
+        started = time.perf_counter()
+        for i, indices in enumerate(plan):
+            if should_stop is not None and should_stop():
+                result.stopped_early = True
+                break
+            apply_hyper(self.optimizer, self.hyper, warmup_lr(options.lr, options.warmup_steps, self.global_step))
+            batch = [samples[j] for j in indices]
+            loss, grad_norm, skip_reason = self._step(batch, options)
+            result.last_loss, result.last_grad_norm = loss, grad_norm
+            if skip_reason is None:
+                result.steps += 1
+                result.tokens += sum(len(s.continuation_ids) for s in batch)
+            else:
+                result.steps_skipped += 1
+                result.skip_reasons.append(f"step {i}: {skip_reason}")
+            if on_step is not None:
+                on_step(i + 1, len(plan), result)
+        result.train_seconds = time.perf_counter() - started
+        result.tokens_per_s = result.tokens / result.train_seconds if result.train_seconds > 0 else 0.0
+        result.loss_after = self.evaluate(samples, options.micro_batch_size)
+        result.optimizer_step = self.global_step
+        return result
+
+    def _step(self, batch: list[Sample], options: SFTOptions) -> tuple[float, float | None, str | None]:
+        """One optimizer step over ``batch``; returns (loss, grad norm, skip reason)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total_w = sum(s.weight * len(s.continuation_ids) for s in batch)
+        loss_value = 0.0
+        for i in range(0, len(batch), options.micro_batch_size):
+            mb = collate(batch[i : i + options.micro_batch_size], self.pad_id).to(self.device)
+            logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+            loss, w = continuation_nll(logits, mb.labels, mb.token_weights)
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                return float(loss.detach()), None, "loss is not finite; step skipped, weights unchanged"
+            share = float(w) / total_w
+            (loss * share).backward()
+            loss_value += float(loss.detach()) * share
+        grads = [p.grad for p in self.params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss_value, float(grad_norm), "gradient is not finite; step skipped, weights unchanged"
+        if options.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params, options.max_grad_norm, grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        return loss_value, float(grad_norm), None

@@ -1,0 +1,104 @@
+"""The weight manifest: what vLLM's worker publishes and the trainer maps.
+
+Written once by the worker-side plugin after the model is loaded (before
+warm-up), as JSON next to the shared-memory arena. It names every parameter of
+vLLM's model, where its bytes are (an offset into the arena file on CPU, a CUDA
+IPC handle on GPU), and how Hugging Face parameters are slices of it (vLLM fuses
+q/k/v and gate/up along dim 0 and pads vocabulary rows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+MANIFEST_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+ARENA_NAME = "weights.bin"  # the CPU weight arena, beside the manifest
+
+
+class HFSlice(BaseModel):
+    """A Hugging Face parameter that is rows [start, stop) of a vLLM tensor."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    start: int
+    stop: int
+
+
+class CudaIpcHandle(BaseModel):
+    """The fields of ``torch.multiprocessing.reductions.reduce_tensor`` for a CUDA
+    tensor, made JSON-safe (bytes as hex)."""
+
+    model_config = ConfigDict(extra="forbid")
+    device: int
+    handle: str
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: str
+    ref_counter_offset: int
+    event_handle: str | None
+    event_sync_required: bool
+    tensor_offset: int
+    stride: list[int]
+
+
+class TensorEntry(BaseModel):
+    """One parameter of vLLM's model."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    offset: int | None = None  # byte offset into the arena (CPU)
+    cuda_ipc: CudaIpcHandle | None = None
+    hf: list[HFSlice]
+
+
+class Manifest(BaseModel):
+    """Everything the trainer needs to map the served weights."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = MANIFEST_VERSION
+    model: str  # the served model's path or id, as vLLM resolved it
+    architectures: list[str]
+    dtype: str
+    backend: Literal["cpu_shm", "cuda_ipc", "none"]
+    arena: str | None = None
+    arena_bytes: int = 0
+    tensors: list[TensorEntry] = []
+    worker_pid: int
+    vllm_version: str
+    # Set when training cannot work with this server (e.g. tensor parallel);
+    # inference is unaffected and the training routes report this reason.
+    unsupported: str | None = None
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def write_manifest(manifest: Manifest, directory: Path) -> Path:
+    """Atomically write ``manifest.json`` (owner-only) into ``directory``."""
+    path = directory / MANIFEST_NAME
+    tmp = directory / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(manifest.model_dump_json(indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """Read and version-check ``manifest.json``; raises FileNotFoundError/ValueError."""
+    raw = json.loads((directory / MANIFEST_NAME).read_text())
+    if raw.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"weight manifest version {raw.get('version')} is not {MANIFEST_VERSION}: plugin and trainer differ")
+    return Manifest.model_validate(raw)

@@ -1,0 +1,131 @@
+"""Wire protocol between the API server(s) and the training subprocess.
+
+Transport: ZMQ over an owner-only ipc socket in the session directory; the
+trainer binds a ROUTER, each API server process connects a DEALER. Every frame
+is one JSON document validated by the pydantic models below and carrying the
+protocol version ``v``; nothing is pickled. Requests get exactly one reply with
+the same ``id``; the trainer also pushes events (a job finished, the weights
+changed) to every client it has heard from.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hogwild.training.sft import SFTOptions
+
+PROTOCOL_VERSION = 1
+SOCKET_NAME = "trainer.sock"  # in the session directory
+
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class TrainSample(BaseModel):
+    """One supervised sample, as token ids (no tokenizer on the server side)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    context_ids: list[TokenId] = Field(min_length=1, description="tokens the model reads (no loss)")
+    continuation_ids: list[TokenId] = Field(min_length=1, description="tokens the model learns to produce")
+    id: str | None = Field(None, min_length=1, max_length=256, description="dedup key: a sample already trained is skipped")
+    weight: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False, description="scales this sample's token losses")
+
+
+# ---- requests -------------------------------------------------------------
+
+
+class StatusOp(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["status"] = "status"
+
+
+class SubmitOp(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["submit"] = "submit"
+    mode: Literal["sft"] = "sft"
+    samples: list[TrainSample] = Field(min_length=1)
+    options: SFTOptions = SFTOptions()
+
+
+class JobOp(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["job"] = "job"
+    job_id: str
+
+
+class TokenLogprobsOp(BaseModel):
+    """log P(token_ids[p] | token_ids[:p]) for p >= 1, from the trainer's model."""
+
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["token_logprobs"] = "token_logprobs"
+    token_ids: list[TokenId] = Field(min_length=2)
+
+
+Op = Annotated[Union[StatusOp, SubmitOp, JobOp, TokenLogprobsOp], Field(discriminator="op")]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    v: int = PROTOCOL_VERSION
+    id: str
+    body: Op
+
+
+# ---- replies and events ---------------------------------------------------
+
+
+ErrorCode = Literal["invalid", "unsupported", "unavailable", "not_found", "internal", "version"]
+
+
+class ErrorInfo(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class Reply(BaseModel):
+    v: int = PROTOCOL_VERSION
+    id: str
+    ok: bool
+    result: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+class JobInfo(BaseModel):
+    """A training job as the routes report it."""
+
+    job_id: str
+    trainer_id: str  # the trainer process instance that owns the job
+    mode: str
+    state: JobState
+    n_samples: int
+    skipped_ids: list[str] = []  # sample ids already in the ledger, not trained again
+    step: int = 0
+    total_steps: int = 0
+    submitted_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    weights_version: int | None = None  # the weights' version when the job ended
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class Event(BaseModel):
+    v: int = PROTOCOL_VERSION
+    event: Literal["job_finished"]
+    trainer_id: str  # a new id each time the trainer process starts
+    job: JobInfo
+    weights_version: int
+    weights_changed: bool
+
+
+def encode(message: BaseModel) -> bytes:
+    return message.model_dump_json().encode()

@@ -1,0 +1,283 @@
+"""The training subprocess's state: the view model, the job queue and the ops.
+
+One thread (the transport loop in ``__main__``) answers requests; one job
+thread loads the model and then runs jobs one at a time. Status never waits
+for the model; ops that run the model (``token_logprobs``) wait for the job
+thread to be between jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+import traceback
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from hogwild.training.batches import Sample
+from hogwild.training.sft import SFTTrainer
+
+from .ledger import Ledger
+from .manifest import Manifest, read_manifest
+from .process_memory import memory_snapshot, release_free_heap
+from .protocol import Event, JobInfo, JobOp, Reply, Request, StatusOp, SubmitOp, TokenLogprobsOp, ErrorInfo
+from .views import UnsupportedModel, bind_views, model_skeleton, shared_parameter_bytes
+
+logger = logging.getLogger("hogwild.worker")
+
+RECENT_JOBS = 32
+
+
+class OpError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Job:
+    def __init__(self, op: SubmitOp, skipped_ids: list[str], trainer_id: str):
+        self.op = op
+        self.info = JobInfo(
+            job_id=f"job-{secrets.token_hex(6)}", trainer_id=trainer_id, mode=op.mode, state="queued", n_samples=len(op.samples),
+            skipped_ids=skipped_ids, submitted_at=time.time(),
+        )
+
+
+class TrainerService:
+    def __init__(self, session: Path, state_dir: Path, manifest_timeout: float = 120.0):
+        self.session = session
+        self.state_dir = state_dir
+        self.manifest_timeout = manifest_timeout
+        self.state = "starting"  # starting | ready | unsupported | failed
+        self.reason: str | None = None
+        self.manifest: Manifest | None = None
+        self.model = None
+        self.trainer: SFTTrainer | None = None
+        self.vocab_size = 0
+        self.max_positions = 0
+        self.ledger = Ledger(state_dir / "ledger.jsonl")
+        self.jobs: dict[str, Job] = {}
+        self.pending: deque[Job] = deque()
+        self.recent: deque[str] = deque(maxlen=RECENT_JOBS)
+        self.running: Job | None = None
+        self.cv = threading.Condition()
+        self.model_lock = threading.Lock()
+        self.weights_version = 0
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.binding_private_bytes: int | None = None
+        self.shared_param_bytes = 0
+        self.param_bytes = 0
+        self.stopping = False
+        self.trainer_id = secrets.token_hex(6)
+
+    # ---- loading --------------------------------------------------------
+
+    def load(self) -> None:
+        """Map the served weights and build the view model (job thread)."""
+        deadline = time.monotonic() + self.manifest_timeout
+        while True:
+            try:
+                self.manifest = read_manifest(self.session)
+                break
+            except FileNotFoundError:
+                if time.monotonic() > deadline:
+                    self._fail("failed", f"no weight manifest appeared in {self.session}: the vLLM worker did not "
+                               "publish its weights (was the server started with VLLM_PLUGINS=hogwild?)")
+                    return
+                time.sleep(0.2)
+            except ValueError as exc:
+                self._fail("failed", str(exc))
+                return
+        try:
+            skeleton = model_skeleton(self.manifest)
+            release_free_heap()
+            before = memory_snapshot()
+            model = bind_views(skeleton, self.manifest)
+            release_free_heap()
+            after = memory_snapshot()
+            # What binding the weights cost in private memory: ~0 with views, ~model size with a copy.
+            self.binding_private_bytes = after.get("rss_anon", 0) - before.get("rss_anon", 0)
+            self.shared_param_bytes = shared_parameter_bytes(model)
+            self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        except UnsupportedModel as exc:
+            self._fail("unsupported", str(exc))
+            return
+        except Exception as exc:
+            logger.exception("building the view model failed")
+            self._fail("failed", f"could not build the training model: {type(exc).__name__}: {exc}")
+            return
+        config = model.config
+        self.model = model
+        self.vocab_size = int(config.vocab_size)
+        self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
+        pad = getattr(config, "pad_token_id", None)
+        self.trainer = SFTTrainer(model, pad_id=int(pad) if isinstance(pad, int) and 0 <= pad < self.vocab_size else 0)
+        self.state = "ready"
+        logger.info("trainer ready: %s (%s, %d tensors)", self.manifest.model, self.manifest.dtype, len(self.manifest.tensors))
+
+    def _fail(self, state: str, reason: str) -> None:
+        self.state, self.reason = state, reason
+        logger.error("trainer %s: %s", state, reason)
+
+    # ---- requests -------------------------------------------------------
+
+    def handle(self, request: Request) -> Reply:
+        body = request.body
+        try:
+            if isinstance(body, StatusOp):
+                result = self.status()
+            elif isinstance(body, SubmitOp):
+                result = self.submit(body).model_dump()
+            elif isinstance(body, JobOp):
+                result = self.job(body.job_id).model_dump()
+            elif isinstance(body, TokenLogprobsOp):
+                result = {"logprobs": self.token_logprobs(body.token_ids)}
+            else:  # pragma: no cover - the union is exhaustive
+                raise OpError("invalid", f"unknown op {body!r}")
+            return Reply(id=request.id, ok=True, result=result)
+        except OpError as exc:
+            return Reply(id=request.id, ok=False, error=ErrorInfo(code=exc.code, message=str(exc)))
+        except Exception as exc:
+            logger.exception("op failed")
+            return Reply(id=request.id, ok=False, error=ErrorInfo(code="internal", message=f"{type(exc).__name__}: {exc}"))
+
+    def _require_ready(self) -> None:
+        if self.state == "ready":
+            return
+        if self.state == "starting":
+            raise OpError("unavailable", "the trainer is still starting")
+        raise OpError("unsupported" if self.state == "unsupported" else "unavailable", self.reason or self.state)
+
+    def submit(self, op: SubmitOp) -> JobInfo:
+        self._require_ready()
+        for i, sample in enumerate(op.samples):
+            ids = sample.context_ids + sample.continuation_ids
+            if max(ids) >= self.vocab_size:
+                raise OpError("invalid", f"samples[{i}]: token id {max(ids)} is outside the vocabulary (size {self.vocab_size})")
+        seen: set[str] = set()
+        skipped = []
+        for s in op.samples:
+            if s.id is not None and (s.id in self.ledger or s.id in seen):
+                skipped.append(s.id)
+            elif s.id is not None:
+                seen.add(s.id)
+        job = Job(op, skipped, self.trainer_id)
+        with self.cv:
+            self.jobs[job.info.job_id] = job
+            self.pending.append(job)
+            self.cv.notify()
+        return job.info
+
+    def job(self, job_id: str) -> JobInfo:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise OpError("not_found", f"no job {job_id!r}")
+        return job.info
+
+    def token_logprobs(self, token_ids: list[int]) -> list[float]:
+        self._require_ready()
+        if max(token_ids) >= self.vocab_size:
+            raise OpError("invalid", f"token id {max(token_ids)} is outside the vocabulary (size {self.vocab_size})")
+        device = next(self.model.parameters()).device
+        with self.model_lock, torch.no_grad():
+            ids = torch.tensor([token_ids], device=device)
+            logits = self.model(input_ids=ids).logits.float()
+            logprobs = torch.log_softmax(logits[0, :-1], dim=-1)
+            return logprobs.gather(1, ids[0, 1:, None])[:, 0].tolist()
+
+    def status(self) -> dict:
+        with self.cv:
+            queued = [j.info.model_dump() for j in self.pending]
+            running = self.running.info.model_dump() if self.running else None
+            recent = [self.jobs[i].info.model_dump() for i in reversed(self.recent)]
+        trainer = self.trainer
+        memory = memory_snapshot()
+        return {
+            "trainer_id": self.trainer_id,
+            "pid": os.getpid(),
+            "state": self.state,
+            "reason": self.reason,
+            "model": self.manifest.model if self.manifest else None,
+            "architectures": self.manifest.architectures if self.manifest else [],
+            "dtype": self.manifest.dtype if self.manifest else None,
+            "backend": self.manifest.backend if self.manifest else None,
+            "queue": queued,
+            "running": running,
+            "recent": recent,
+            "weights_version": self.weights_version,
+            "ledger_size": len(self.ledger),
+            "optimizer": {
+                "step": trainer.global_step if trainer else 0,
+                "structure": trainer.structure.model_dump() if trainer and trainer.structure else None,
+                "hyper": trainer.hyper.model_dump() if trainer and trainer.hyper else None,
+                "state_bytes": trainer.optimizer_bytes() if trainer else 0,
+            },
+            "memory": {
+                **memory,
+                "model_bytes": self.manifest.model_bytes if self.manifest else 0,
+                "param_bytes": self.param_bytes,
+                "shared_param_bytes": self.shared_param_bytes,
+                "binding_private_bytes": self.binding_private_bytes,
+                "optimizer_state_bytes": trainer.optimizer_bytes() if trainer else 0,
+            },
+        }
+
+    # ---- the job thread -------------------------------------------------
+
+    def job_loop(self) -> None:
+        self.load()
+        while not self.stopping:
+            with self.cv:
+                while not self.pending and not self.stopping:
+                    self.cv.wait(timeout=0.5)
+                if self.stopping:
+                    return
+                job = self.pending.popleft()
+                self.running = job
+            self._run(job)
+            with self.cv:
+                self.running = None
+                self.recent.append(job.info.job_id)
+
+    def _run(self, job: Job) -> None:
+        info = job.info
+        info.state, info.started_at = "running", time.time()
+        chosen, seen = [], set()
+        for s in job.op.samples:
+            if s.id is not None and (s.id in self.ledger or s.id in seen):
+                if s.id not in info.skipped_ids:
+                    info.skipped_ids.append(s.id)
+                continue
+            if s.id is not None:
+                seen.add(s.id)
+            chosen.append(s)
+        samples = [Sample(tuple(s.context_ids), tuple(s.continuation_ids), s.weight, s.id) for s in chosen]
+        version_before = self.weights_version
+
+        def on_step(step: int, total: int, result) -> None:
+            info.step, info.total_steps = step, total
+            self.weights_version = version_before + result.steps
+
+        try:
+            if samples:
+                with self.model_lock:
+                    result = self.trainer.run(samples, job.op.options, on_step=on_step)
+                info.result = result.as_dict()
+            else:
+                info.result = {"steps": 0, "note": "every sample was already trained"}
+            self.ledger.record([s.id for s in samples if s.id is not None], info.job_id)
+            info.state = "succeeded"
+        except Exception as exc:
+            logger.error("job %s failed:\n%s", info.job_id, traceback.format_exc())
+            info.state, info.error = "failed", f"{type(exc).__name__}: {exc}"
+        release_free_heap()
+        info.finished_at = time.time()
+        info.weights_version = self.weights_version
+        self.events.put(Event(event="job_finished", trainer_id=self.trainer_id, job=info, weights_version=self.weights_version,
+                              weights_changed=self.weights_version != version_before))

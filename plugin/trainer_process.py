@@ -47,11 +47,7 @@ class TrainerProcess:
                "--parent-pid", str(os.getpid())]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
-        env = dict(os.environ)
-        # Fixed mmap threshold: freed gradients go back to the OS instead of
-        # staying in glibc's heap, so the trainer holds only what it uses.
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
-        self.proc = subprocess.Popen(cmd, env=env)
+        self.proc = subprocess.Popen(cmd)
         self.started_at = time.monotonic()
         logger.info("hogwild: started the training process (pid %d)", self.proc.pid)
 

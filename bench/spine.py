@@ -1,0 +1,138 @@
+"""``python -m bench spine``: the spine's four numbers, each against a baseline
+measured in the same run, on the ~24M-parameter bench model (fp32, vLLM's
+default compiled mode).
+
+- first_reflecting_request_after_train: after ``/train`` with ``wait``, the index
+  of the first completion that shows the trained behaviour (1 = the next one).
+- trainer_weight_copy_ratio: private memory the trainer spent binding the served
+  weights / the weights' size (a copy would be 1.0).
+- train_tokens_per_s_ratio: tokens/s of a ``/train`` job (submit to done, over
+  HTTP) / the same trainer and optimizer on the same model and samples in a
+  plain single process with the same thread count.
+- inference_tokens_per_s_ratio_during_training: generated tokens/s of 16
+  concurrent greedy streams while a training job runs / idle.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+
+import httpx
+import torch
+
+from hogwild.launch import VllmServer
+
+from .common import CACHE, generation_throughput, machine, model_dir
+
+
+def training_samples(tok, n: int, ctx_len: int, cont_len: int) -> list[dict]:
+    """Deterministic samples cut from this repository's own text."""
+    from hogwild.tiny_model import corpus_files
+
+    ids = []
+    for f in corpus_files():
+        ids += tok.encode(f.read_text(errors="replace"))
+        if len(ids) > n * (ctx_len + cont_len):
+            break
+    width = ctx_len + cont_len
+    return [{"context_ids": ids[i * width : i * width + ctx_len], "continuation_ids": ids[i * width + ctx_len : (i + 1) * width]}
+            for i in range(n)]
+
+
+def baseline_tokens_per_s(model_path, samples: list[dict], options: dict, threads: int) -> float:
+    """The same trainer and optimizer on an ordinary HF model, in this process."""
+    from transformers import AutoModelForCausalLM
+
+    from hogwild.training.batches import Sample
+    from hogwild.training.sft import SFTOptions, SFTTrainer
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    trainer = SFTTrainer(model)
+    batch = [Sample(tuple(s["context_ids"]), tuple(s["continuation_ids"])) for s in samples]
+    trainer.run(batch, SFTOptions(**{**options, "steps": 1}))  # warm-up, as the served trainer is warm
+    started = time.perf_counter()
+    result = trainer.run(batch, SFTOptions(**options))
+    return result.tokens / (time.perf_counter() - started)
+
+
+def run(quick: bool = False, log=print) -> dict:
+    from transformers import AutoTokenizer
+
+    preset = "tiny" if quick else "bench"
+    path = model_dir(preset)
+    tok = AutoTokenizer.from_pretrained(path)
+    (CACHE / "bench").mkdir(parents=True, exist_ok=True)
+    threads = 1
+    out: dict = {"benchmark": "spine", "machine": machine(), "model": {"preset": preset, "dtype": "float32"}, "mode": "compiled"}
+    with tempfile.TemporaryDirectory() as state:
+        server = VllmServer(path, log_path=CACHE / "bench" / "spine-vllm.log", dtype="float32", eager=False, max_model_len=1024,
+                            env={"HOGWILD_STATE_DIR": state, "HOGWILD_TRAINER_THREADS": str(threads)})
+        server.start(timeout=900)
+        try:
+            return measure(server, path, tok, threads, quick, out, log)
+        finally:
+            server.stop()
+
+
+def measure(server: VllmServer, path, tok, threads: int, quick: bool, out: dict, log) -> dict:
+    status = server.wait_trainer(timeout=600)
+    http = httpx.Client(base_url=server.url, headers=server.headers(), timeout=3600)
+    model_name = str(path)
+    out["model"]["params"] = status["memory"]["param_bytes"] // 4
+
+    def complete(prompt, n):
+        r = http.post("/v1/completions", json={"model": model_name, "prompt": prompt, "max_tokens": n, "temperature": 0,
+                                                "return_token_ids": True})
+        return r.json()["choices"][0]["token_ids"]
+
+    def train(samples, **options):
+        r = http.post("/train", json={"samples": samples, **options})
+        r.raise_for_status()
+        return r.json()
+
+    # 1. Which request first answers with the trained behaviour?
+    log("phase 1: train a continuation, then count requests until it shows")
+    ctx, target = tok.encode("The benchmark asks the served model"), tok.encode(" and the trained model answers.")
+    job = train([{"context_ids": ctx, "continuation_ids": target}], lr=3e-3, steps=60, wait=True)
+    out["memorised_loss_after"] = job["result"]["loss_after"]
+    out["first_reflecting_request_after_train"] = next((i for i in range(1, 11) if complete(ctx, len(target)) == target), None)
+
+    # 2. Private memory spent on the weights.
+    memory = http.get("/train/status").json()["memory"]
+    out["trainer_weight_copy_ratio"] = memory["binding_private_bytes"] / memory["param_bytes"]
+
+    # 3. Training throughput: served vs plain process.
+    log("phase 3: training throughput, served vs plain process")
+    samples = training_samples(tok, n=8, ctx_len=64, cont_len=64)
+    options = {"lr": 1e-5, "steps": 2 if quick else 4, "shuffle": False}
+    started = time.perf_counter()
+    job = train(samples, wait=True, **options)
+    served_seconds = time.perf_counter() - started
+    out["train_tokens_per_s"] = job["result"]["tokens"] / served_seconds
+    out["baseline_train_tokens_per_s"] = baseline_tokens_per_s(path, samples, options, threads)
+    out["train_tokens_per_s_ratio"] = out["train_tokens_per_s"] / out["baseline_train_tokens_per_s"]
+    after = http.get("/train/status").json()["memory"]
+    out["optimizer_state_bytes_ratio"] = after["optimizer_state_bytes"] / after["param_bytes"]
+
+    # 4. Inference throughput while a job trains.
+    log("phase 4: inference throughput idle, then during a training job")
+    generation_throughput(server.url, model_name, server.headers(), rounds=1)  # warm-up
+    started = time.perf_counter()
+    idle = generation_throughput(server.url, model_name, server.headers(), rounds=3)
+    load_seconds = time.perf_counter() - started
+    step_seconds = served_seconds / options["steps"]
+    steps = math.ceil((3 * load_seconds + 5) / step_seconds)
+    job = train(samples, wait=False, **{**options, "steps": steps})
+    while http.get(f"/train/{job['job_id']}").json()["state"] != "running":
+        time.sleep(0.05)
+    during = generation_throughput(server.url, model_name, server.headers(), rounds=3)
+    out["job_running_throughout_load"] = http.get(f"/train/{job['job_id']}").json()["state"] == "running"
+    while http.get(f"/train/{job['job_id']}").json()["state"] in ("queued", "running"):
+        time.sleep(0.5)
+    out["inference_tokens_per_s_idle"] = idle
+    out["inference_tokens_per_s_during_training"] = during
+    out["inference_tokens_per_s_ratio_during_training"] = during / idle
+    return out

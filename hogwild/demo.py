@@ -131,9 +131,9 @@ class Demo:
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         import math
+
+        import matplotlib.pyplot as plt
 
         labels = [tok.decode([t]) for t in target]
         x = range(len(labels))

@@ -60,14 +60,16 @@ class Served:
         return asyncio.run(go())
 
 
-def start_served(model_dir: Path, tmp: Path, name: str, **kwargs) -> tuple[VllmServer, Served]:
+def start_served(model_dir: Path, tmp: Path, name: str, env: dict | None = None, wait_trainer: bool = True,
+                 **kwargs) -> tuple[VllmServer, Served]:
     """A real `vllm serve` with the plugin, its session directory at a known path."""
     session = Path("/dev/shm") / f"hogwild-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     state_dir = tmp / f"{name}-state"
     server = VllmServer(model_dir, log_path=tmp / f"{name}-vllm.log", api_key=API_KEY,
-                        env={"HOGWILD_SESSION_DIR": str(session), "HOGWILD_STATE_DIR": str(state_dir)}, **kwargs)
+                        env={"HOGWILD_SESSION_DIR": str(session), "HOGWILD_STATE_DIR": str(state_dir), **(env or {})}, **kwargs)
     server.start(timeout=600)
-    server.wait_trainer()
+    if wait_trainer:
+        server.wait_trainer()
     return server, Served(server, model_dir, session, state_dir)
 
 

@@ -9,8 +9,8 @@ import sys
 from types import SimpleNamespace
 
 from hogwild.plugin.weight_export import unsupported_reason
-from hogwild.worker.protocol import PROTOCOL_VERSION, Request, StatusOp, TokenLogprobsOp
 from hogwild.worker.__main__ import parse_request
+from hogwild.worker.protocol import PROTOCOL_VERSION, Request, StatusOp, TokenLogprobsOp
 
 PROBE = """
 import json, os

@@ -37,7 +37,6 @@ def test_collate_labels_only_the_continuation():
     # position t predicts token t+1; context predictions are masked
     assert batch.labels.tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 20, 21], [40, 41, 42, IGNORE_INDEX]]
     assert batch.token_weights.tolist() == [[0, 0, 1, 1], [2, 2, 2, 0]]
-    assert batch.n_labelled == 5
 
 
 def test_plan_steps_and_warmup():

@@ -19,10 +19,6 @@ class Sample:
     weight: float = 1.0
     id: str | None = None
 
-    @property
-    def n_tokens(self) -> int:
-        return len(self.context_ids) + len(self.continuation_ids)
-
 
 @dataclass
 class Batch:
@@ -30,10 +26,6 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T), shifted: labels[:, t] is the token at t + 1
     token_weights: torch.Tensor  # (B, T)
-
-    @property
-    def n_labelled(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.token_weights)))

@@ -26,7 +26,7 @@ from hogwild.training.sft import SFTTrainer
 from .ledger import Ledger
 from .manifest import Manifest, read_manifest
 from .process_memory import memory_snapshot, release_free_heap
-from .protocol import Event, JobInfo, JobOp, Reply, Request, StatusOp, SubmitOp, TokenLogprobsOp, ErrorInfo
+from .protocol import ErrorInfo, Event, JobInfo, JobOp, Reply, Request, StatusOp, SubmitOp, TokenLogprobsOp
 from .views import UnsupportedModel, bind_views, model_skeleton, shared_parameter_bytes
 
 logger = logging.getLogger("hogwild.worker")

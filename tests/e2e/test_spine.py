@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 import uuid
 
@@ -60,8 +59,8 @@ def test_training_changes_the_very_next_completion(served, tok):
     ctx = tok.encode("Once upon a time the server")
     target = tok.encode(" learned a new sentence today.")
     assert served.complete(ctx, len(target)) != target
-    job = train(served, [{"context_ids": ctx, "continuation_ids": target}], lr=1e-2, steps=40)
-    assert job["result"]["steps"] == 40
+    job = train(served, [{"context_ids": ctx, "continuation_ids": target}], lr=1e-2, steps=80)
+    assert job["result"]["steps"] == 80
     assert job["result"]["loss_after"] < 0.1 < job["result"]["loss_before"]
     assert served.complete(ctx, len(target)) == target
 
@@ -153,8 +152,9 @@ def test_no_stale_prefix_cache_answers_after_an_update(served, tok):
     target = tok.encode(" Fresh weights, fresh cache.")
     first = served.complete(prompt, len(target))
     assert served.complete(prompt, len(target)) == first  # served from the prefix cache
-    train(served, [{"context_ids": prompt, "continuation_ids": target}], lr=1e-2, steps=40)
-    assert served.complete(prompt, len(target)) == target
+    job = train(served, [{"context_ids": prompt, "continuation_ids": target}], lr=1e-2, steps=120)
+    assert job["result"]["loss_after"] < 0.05, job  # the updated model predicts the target...
+    assert served.complete(prompt, len(target)) == target  # ...and no block cached before the update hides it
 
 
 def test_a_sample_id_is_trained_once_and_the_ledger_survives_a_trainer_restart(served, tok):

@@ -55,15 +55,17 @@ def serve(service: TrainerService, parent_pid: int) -> None:
     clients: set[bytes] = set()
     logger.info("trainer listening on %s", path)
     while not service.stopping:
-        if sock.poll(100):
+        if sock.poll(50):
             identity, payload = sock.recv_multipart()[:2]
             clients.add(identity)
             request = parse_request(payload)
-            reply = request if isinstance(request, Reply) else service.handle(request)
-            sock.send_multipart([identity, encode(reply)])
-        while not service.events.empty():
-            frame = encode(service.events.get_nowait())
-            for identity in clients:
+            reply = request if isinstance(request, Reply) else service.handle(request, identity)
+            if reply is not None:
+                sock.send_multipart([identity, encode(reply)])
+        while not service.outbox.empty():
+            target, message = service.outbox.get_nowait()
+            frame = encode(message)
+            for identity in clients if target is None else [target]:
                 sock.send_multipart([identity, frame], flags=zmq.NOBLOCK)
         if os.getppid() != parent_pid:
             logger.info("parent process is gone; trainer exiting")

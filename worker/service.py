@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -69,7 +70,10 @@ class TrainerService:
         self.cv = threading.Condition()
         self.model_lock = threading.Lock()
         self.weights_version = 0
-        self.events: queue.Queue[Event] = queue.Queue()
+        # (client identity, message) to send; identity None = every client.
+        self.outbox: queue.Queue[tuple[bytes | None, Reply | Event]] = queue.Queue()
+        self.model_ops = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hogwild-model-ops")
+        self.optimizer_state_bytes = 0
         self.binding_private_bytes: int | None = None
         self.shared_param_bytes = 0
         self.param_bytes = 0
@@ -127,7 +131,15 @@ class TrainerService:
 
     # ---- requests -------------------------------------------------------
 
-    def handle(self, request: Request) -> Reply:
+    def handle(self, request: Request, client: bytes) -> Reply | None:
+        """The reply, or None when the op runs on the model thread and its reply
+        goes to ``outbox`` later (the transport never waits for the model)."""
+        if isinstance(request.body, TokenLogprobsOp):
+            self.model_ops.submit(lambda: self.outbox.put((client, self._answer(request))))
+            return None
+        return self._answer(request)
+
+    def _answer(self, request: Request) -> Reply:
         body = request.body
         try:
             if isinstance(body, StatusOp):
@@ -216,7 +228,7 @@ class TrainerService:
                 "step": trainer.global_step if trainer else 0,
                 "structure": trainer.structure.model_dump() if trainer and trainer.structure else None,
                 "hyper": trainer.hyper.model_dump() if trainer and trainer.hyper else None,
-                "state_bytes": trainer.optimizer_bytes() if trainer else 0,
+                "state_bytes": self.optimizer_state_bytes,
             },
             "memory": {
                 **memory,
@@ -224,7 +236,7 @@ class TrainerService:
                 "param_bytes": self.param_bytes,
                 "shared_param_bytes": self.shared_param_bytes,
                 "binding_private_bytes": self.binding_private_bytes,
-                "optimizer_state_bytes": trainer.optimizer_bytes() if trainer else 0,
+                "optimizer_state_bytes": self.optimizer_state_bytes,
             },
         }
 
@@ -276,8 +288,10 @@ class TrainerService:
         except Exception as exc:
             logger.error("job %s failed:\n%s", info.job_id, traceback.format_exc())
             info.state, info.error = "failed", f"{type(exc).__name__}: {exc}"
+        if self.trainer.optimizer is not None:  # measured here: the job thread owns the optimizer
+            self.optimizer_state_bytes = self.trainer.optimizer_bytes()
         release_free_heap()
         info.finished_at = time.time()
         info.weights_version = self.weights_version
-        self.events.put(Event(event="job_finished", trainer_id=self.trainer_id, job=info, weights_version=self.weights_version,
-                              weights_changed=self.weights_version != version_before))
+        self.outbox.put((None, Event(event="job_finished", trainer_id=self.trainer_id, job=info,
+                                     weights_version=self.weights_version, weights_changed=self.weights_version != version_before)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import uuid
 
@@ -134,16 +135,24 @@ def test_inference_keeps_running_while_a_job_trains(served, tok):
     ctx, cont = tok.encode("HOGWILD means nobody waits"), tok.encode(" for anybody else.")
     r = served.http.post("/train", json={"samples": [{"context_ids": ctx, "continuation_ids": cont}], "lr": 1e-5, "steps": 600})
     job_id = r.json()["job_id"]
-    during = 0
+    # An op that needs the model waits for the job; nothing else may wait with it.
+    model_op = threading.Thread(target=served.trainer_call, args=(TokenLogprobsOp(token_ids=ctx),))
+    completions_during, status_while_model_op_waits = 0, 0
     while True:
         state = served.http.get(f"/train/{job_id}").json()["state"]
         if state not in ("queued", "running"):
             break
         if state == "running":
+            if not model_op.is_alive() and completions_during == 0:
+                model_op.start()
             served.complete(tok.encode("Meanwhile a user asks"), 8)
-            during += int(served.http.get(f"/train/{job_id}").json()["state"] == "running")
+            running = served.http.get(f"/train/{job_id}").json()["state"] == "running"
+            completions_during += running
+            status_while_model_op_waits += running and model_op.is_alive() and served.http.get("/train/status").status_code == 200
+    model_op.join(120)
     assert state == "succeeded"
-    assert during >= 3, "no completion finished while the job was running"
+    assert completions_during >= 3, "no completion finished while the job was running"
+    assert status_while_model_op_waits >= 1, "status waited for the model"
 
 
 def test_no_stale_prefix_cache_answers_after_an_update(served, tok):

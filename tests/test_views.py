@@ -114,3 +114,25 @@ def test_the_manifest_refuses_another_version(tmp_path):
     (tmp_path / "manifest.json").write_text('{"version": 99}')
     with pytest.raises(ValueError, match="version 99"):
         read_manifest(tmp_path)
+
+
+def test_the_trainer_reports_an_unsupported_model_at_start_up(tiny_model_dir, tmp_path):
+    from transformers import GPT2Config
+
+    from hogwild.worker.protocol import Request, SubmitOp, TrainSample
+    from hogwild.worker.service import TrainerService
+
+    config_dir = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=64, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(config_dir)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    manifest = publish(reference, tiny_model_dir, tmp_path)
+    manifest.model = str(config_dir)
+    write_manifest(manifest, tmp_path)
+
+    service = TrainerService(tmp_path, tmp_path / "state")
+    service.load()
+    assert service.state == "unsupported" and "GPT2LMHeadModel is not supported" in service.reason
+    reply = service.handle(Request(id="1", body=SubmitOp(samples=[TrainSample(context_ids=[1], continuation_ids=[2])])), b"c")
+    assert not reply.ok and reply.error.code == "unsupported" and "GPT2LMHeadModel" in reply.error.message
+    status = service.handle(Request(id="2", body={"op": "status"}), b"c")
+    assert status.ok and status.result["state"] == "unsupported"

@@ -35,13 +35,13 @@ class VllmServer:
     """``vllm serve MODEL`` on a loopback port, with the plugin, as a context manager."""
 
     def __init__(self, model: str | Path, *, log_path: str | Path | None = None, api_key: str | None = None,
-                 max_model_len: int = 512, dtype: str | None = None, eager: bool = True, extra_args: list[str] | None = None,
+                 max_model_len: int = 512, dtype: str | None = None, eager: bool = True, host: str = "127.0.0.1", extra_args: list[str] | None = None,
                  env: dict[str, str] | None = None, port: int | None = None):
         self.model = str(model)
         self.port = port or free_port()
         self.api_key = api_key
         self.log_path = Path(log_path) if log_path else None
-        self.args = ["serve", self.model, "--host", "127.0.0.1", "--port", str(self.port),
+        self.args = ["serve", self.model, "--host", host, "--port", str(self.port),
                      "--max-model-len", str(max_model_len)]
         if dtype:  # vLLM on CPU serves float32 checkpoints as bfloat16 unless told
             self.args += ["--dtype", dtype]

@@ -7,6 +7,9 @@ every one of its routes itself. Read-only routes need the API key when one is
 set. The admin key is accepted as ``Authorization: Bearer`` or, for /v1 paths
 where vLLM's middleware already wants the API key in that header, as
 ``X-Hogwild-Admin-Key``.
+
+With no key at all, a server that listens beyond loopback keeps the routes
+that change the model off (403) unless ``HOGWILD_ALLOW_UNAUTHENTICATED_TRAINING=1``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from .http_errors import ApiError
 
 ADMIN_KEY_ENV = "HOGWILD_ADMIN_KEY"
 ADMIN_HEADER = "X-Hogwild-Admin-Key"
+OPT_IN_ENV = "HOGWILD_ALLOW_UNAUTHENTICATED_TRAINING"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _digest(value: str) -> bytes:
@@ -49,8 +54,19 @@ class Access:
         admin = os.environ.get(ADMIN_KEY_ENV)
         self.api_keys = [_digest(k) for k in api]
         self.admin_keys = [_digest(admin)] if admin else list(self.api_keys)
+        self.refusal = self._refusal(getattr(args, "host", None), getattr(args, "uds", None))
+
+    def _refusal(self, host: str | None, uds: str | None) -> str | None:
+        """Why the routes that change the model are off, or None."""
+        if self.admin_keys or uds or host in LOOPBACK or os.environ.get(OPT_IN_ENV) == "1":
+            return None
+        return (f"the routes that change the model are off: this server listens on {host or 'every interface'} "
+                f"with no key. Start it with --api-key or {ADMIN_KEY_ENV}, bind it to 127.0.0.1, or set "
+                f"{OPT_IN_ENV}=1 to let anyone who can reach it train the model")
 
     def require_admin(self, request: Request) -> None:
+        if self.refusal:
+            raise ApiError(403, self.refusal)
         if self.admin_keys and not _matches([_bearer(request), request.headers.get(ADMIN_HEADER)], self.admin_keys):
             raise ApiError(401, f"this route changes the model: send the admin key (Authorization: Bearer, or {ADMIN_HEADER})")
 

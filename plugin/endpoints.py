@@ -7,19 +7,21 @@ from argparse import Namespace
 
 from fastapi import FastAPI
 
-logger = logging.getLogger("hogwild.plugin")
+logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 
 
 class HogwildEndpoints:
-    """Adds /train, /train/status, /train/{job_id} and /score (bare and /v1)."""
+    """Adds /train, /train/status, /train/{job_id} (GET, DELETE) and /score (bare and /v1)."""
 
     name = "hogwild"
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        from .routes import router
+        from .limits import BodySizeLimit, Limits
+        from .routes import PATH_PREFIXES, router
 
         app.include_router(router)
+        app.add_middleware(BodySizeLimit, prefixes=PATH_PREFIXES, max_bytes=Limits.from_env().max_body_bytes)
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         if engine_client is None:

@@ -15,22 +15,28 @@ import re
 from argparse import Namespace
 from pathlib import Path
 
-from hogwild.worker.protocol import Event, JobInfo, JobOp, StatusOp, SubmitOp
+from hogwild.training.sft import count_steps
+from hogwild.worker.protocol import CancelOp, Event, JobInfo, JobOp, StatusOp, SubmitOp
 
 from .auth import Access
 from .http_errors import ApiError
+from .limits import Limits
 from .schemas import ScoreRequest, TrainRequest
 from .scoring import prompt_token_logprobs, range_totals
 from .session import ensure_session_dir
-from .trainer_client import TrainerClient, TrainerError
+from .trainer_client import TrainerClient, TrainerError, TrainerUnavailable
 from .trainer_process import TrainerProcess
 from .weight_export import unsupported_reason
 
-logger = logging.getLogger("hogwild.plugin")
+logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 
 # Trainer error code -> HTTP status.
-STATUS_OF = {"invalid": 422, "not_found": 404, "unsupported": 501, "unavailable": 503}
+STATUS_OF = {"invalid": 422, "not_found": 404, "conflict": 409, "too_large": 413, "busy": 429, "unsupported": 501,
+             "unavailable": 503}
 RETRY_AFTER = {"Retry-After": "5"}
+HEARTBEAT_S = 2.0
+# How long `wait` keeps waiting through a trainer restart before answering 503.
+WAIT_THROUGH_RESTART_S = 300.0
 
 
 def default_state_dir(model: str) -> Path:
@@ -47,7 +53,7 @@ def default_state_dir(model: str) -> Path:
 
 def as_api_error(exc: TrainerError) -> ApiError:
     status = STATUS_OF.get(exc.code, 500)
-    return ApiError(status, str(exc), headers=RETRY_AFTER if status == 503 else None)
+    return ApiError(status, str(exc), headers=RETRY_AFTER if status in (429, 503) else None)
 
 
 class Frontend:
@@ -58,6 +64,7 @@ class Frontend:
         self.max_model_len = config.model_config.max_model_len
         self.served_names = list(getattr(args, "served_model_name", None) or [args.model])
         self.access = Access(args)
+        self.limits = Limits.from_env()
         self.unsupported = unsupported_reason(config)
         self.session = ensure_session_dir()
         self.state_dir = default_state_dir(str(config.model_config.model))
@@ -65,8 +72,11 @@ class Frontend:
         self.client: TrainerClient | None = None
         self.cache_state: tuple[str | None, int] = (None, -1)
         self.cache_lock = asyncio.Lock()
+        self.heartbeat: asyncio.Task | None = None
 
     async def start(self) -> None:
+        if self.access.refusal:
+            logger.warning("hogwild: %s", self.access.refusal)
         if self.unsupported:
             logger.warning("hogwild: training disabled: %s", self.unsupported)
             return
@@ -74,11 +84,22 @@ class Frontend:
             self.process.start()
             self.process.watcher = asyncio.get_running_loop().create_task(self.process.watch())
         self.client = TrainerClient(self.session, on_event=self.on_event)
+        self.heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
 
-    def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-        self.process.stop()
+    async def _heartbeat(self) -> None:
+        """Keep in touch with the trainer. A trainer we have not seen before means
+        the last one died, possibly in the middle of a step: no KV block cached
+        before now can be trusted."""
+        while True:
+            try:
+                status = await self.client.request(StatusOp(), timeout=10.0)
+                if status["trainer_id"] != self.cache_state[0]:
+                    await self.refresh_prefix_cache(status["trainer_id"], status["weights_version"])
+            except TrainerError:
+                pass
+            except Exception:
+                logger.exception("hogwild: heartbeat failed")
+            await asyncio.sleep(HEARTBEAT_S)
 
     # ---- trainer calls ----------------------------------------------------
 
@@ -117,6 +138,15 @@ class Frontend:
             raise ApiError(422, f"{where}: token id {bad} is outside the vocabulary (size {self.vocab_size})", where)
 
     async def train(self, req: TrainRequest) -> JobInfo:
+        limits = self.limits
+        if len(req.samples) > limits.max_samples:
+            raise ApiError(413, f"{len(req.samples)} samples; the limit per request is {limits.max_samples} (HOGWILD_MAX_SAMPLES)", "samples")
+        tokens = sum(len(s.context_ids) + len(s.continuation_ids) for s in req.samples)
+        if tokens > limits.max_tokens:
+            raise ApiError(413, f"{tokens} tokens; the limit per request is {limits.max_tokens} (HOGWILD_MAX_TOKENS)", "samples")
+        steps = count_steps(len(req.samples), req.options())
+        if steps > limits.max_steps:
+            raise ApiError(413, f"this job would take {steps} optimizer steps; the limit is {limits.max_steps} (HOGWILD_MAX_STEPS)")
         for i, s in enumerate(req.samples):
             self.check_tokens(s.context_ids, f"samples.{i}.context_ids")
             self.check_tokens(s.continuation_ids, f"samples.{i}.continuation_ids")
@@ -130,11 +160,21 @@ class Frontend:
         return info
 
     async def wait(self, job_id: str) -> JobInfo:
-        """Poll the job until it ends, then make sure no stale KV cache remains."""
+        """Poll the job until it ends, then make sure no stale KV cache remains.
+        Waits through a trainer restart: the journal lets the next trainer report it."""
+        unreachable_since = None
         while True:
-            info = JobInfo(**await self.call(JobOp(job_id=job_id)))
-            if info.done:
-                break
+            try:
+                info = JobInfo(**await self.call(JobOp(job_id=job_id)))
+                unreachable_since = None
+                if info.done:
+                    break
+            except ApiError as exc:
+                if exc.status != 503:
+                    raise
+                unreachable_since = unreachable_since or asyncio.get_running_loop().time()
+                if asyncio.get_running_loop().time() - unreachable_since > WAIT_THROUGH_RESTART_S:
+                    raise
             await asyncio.sleep(0.1)
         if info.weights_version is not None:
             await self.refresh_prefix_cache(info.trainer_id, info.weights_version)
@@ -143,16 +183,21 @@ class Frontend:
     async def job(self, job_id: str) -> JobInfo:
         return JobInfo(**await self.call(JobOp(job_id=job_id)))
 
-    async def status(self) -> dict:
-        server = {"session": str(self.session), "state_dir": str(self.state_dir),
-                  "trainer_restarts": self.process.restarts, "owns_trainer": self.process.lock_fd is not None}
+    async def cancel(self, job_id: str) -> JobInfo:
+        return JobInfo(**await self.call(CancelOp(job_id=job_id)))
+
+    async def status(self) -> tuple[int, dict]:
+        """(HTTP status, body): 503 while the trainer cannot be reached."""
+        server = {"session": str(self.session), "state_dir": str(self.state_dir), "trainer_restarts": self.process.restarts,
+                  "owns_trainer": self.process.lock_fd is not None, "training_routes_refused": self.access.refusal,
+                  "limits": vars(self.limits)}
         if self.unsupported:
-            return {"state": "unsupported", "reason": self.unsupported, "server": server}
+            return 200, {"state": "unsupported", "reason": self.unsupported, "server": server}
         try:
             status = await self.client.request(StatusOp(), timeout=10.0)
-        except TrainerError as exc:
-            return {"state": "unavailable", "reason": str(exc), "server": server}
-        return {**status, "server": server}
+        except TrainerUnavailable as exc:
+            return 503, {"state": "unavailable", "reason": str(exc), "server": server}
+        return 200, {**status, "server": server}
 
     async def score(self, req: ScoreRequest) -> list[dict]:
         if req.model is not None and req.model not in self.served_names:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import session
 
-logger = logging.getLogger("hogwild.plugin")
+logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 
 _installed = False
 _published = False

@@ -12,6 +12,7 @@ from http import HTTPStatus
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
 
 class ApiError(Exception):
@@ -37,7 +38,7 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
 
 
 class PluginRoute(APIRoute):
-    """Renders validation failures as 422 and ``ApiError`` as its status."""
+    """Renders validation failures as 422, and ``ApiError``/``HTTPException`` as their status."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
@@ -50,5 +51,7 @@ class PluginRoute(APIRoute):
                 return error_response(422, message, param)
             except ApiError as exc:
                 return error_response(exc.status, exc.message, exc.param, exc.headers)
+            except HTTPException as exc:  # e.g. a body over the size limit, while FastAPI reads it
+                return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
         return guarded

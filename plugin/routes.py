@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 
 from hogwild.worker.protocol import JobInfo
 
-from .frontend import Frontend
+from .frontend import RETRY_AFTER, Frontend
 from .http_errors import ApiError, PluginRoute
 from .schemas import ScoreRequest, ScoreResponse, TrainRequest
 
@@ -36,19 +37,29 @@ def both(path: str) -> list[str]:
     return [path, "/v1" + path]
 
 
+PATH_PREFIXES = tuple(p for base in ("/train", "/score") for p in both(base))
+
+
 async def train(body: TrainRequest, fe: Frontend = Depends(admin)) -> JobInfo:
     """Queue a supervised full-weight update (``wait: true`` answers when it is done)."""
     return await fe.train(body)
 
 
-async def train_status(fe: Frontend = Depends(reader)) -> dict:
-    """Queue, running job with progress, recent results, optimizer and memory."""
-    return await fe.status()
+async def train_status(fe: Frontend = Depends(reader)) -> JSONResponse:
+    """Queue, running job with progress, recent results, optimizer and memory
+    (503 with Retry-After while the trainer restarts)."""
+    code, body = await fe.status()
+    return JSONResponse(body, status_code=code, headers=RETRY_AFTER if code == 503 else None)
 
 
 async def train_job(job_id: str, fe: Frontend = Depends(reader)) -> JobInfo:
     """One job's state and result."""
     return await fe.job(job_id)
+
+
+async def cancel_job(job_id: str, fe: Frontend = Depends(admin)) -> JobInfo:
+    """Cancel a queued job, or stop a running one after its current step (409 if it has ended)."""
+    return await fe.cancel(job_id)
 
 
 async def score(body: ScoreRequest, fe: Frontend = Depends(reader)) -> ScoreResponse:
@@ -62,5 +73,6 @@ for path in both("/train/status"):
     router.add_api_route(path, train_status, methods=["GET"])
 for path in both("/train/{job_id}"):
     router.add_api_route(path, train_job, methods=["GET"], response_model=JobInfo)
+    router.add_api_route(path, cancel_job, methods=["DELETE"], response_model=JobInfo)
 for path in both("/score"):
     router.add_api_route(path, score, methods=["POST"], response_model=ScoreResponse)

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from hogwild.worker.protocol import SOCKET_NAME, Event, Reply, Request, encode
 
-logger = logging.getLogger("hogwild.plugin")
+logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 
 
 class TrainerError(Exception):

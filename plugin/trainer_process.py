@@ -11,6 +11,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +19,17 @@ from pathlib import Path
 
 from .session import lock_path
 
-logger = logging.getLogger("hogwild.plugin")
+logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
+
+
+def exit_reason(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"the training process was killed by {name}"
+    return f"the training process exited with code {returncode}"
 
 
 class TrainerProcess:
@@ -42,9 +53,11 @@ class TrainerProcess:
         self.lock_fd = fd
         return True
 
-    def start(self) -> None:
+    def start(self, restart_reason: str | None = None) -> None:
         cmd = [sys.executable, "-m", "hogwild.worker", "--session", str(self.session), "--state-dir", str(self.state_dir),
                "--parent-pid", str(os.getpid())]
+        if restart_reason:
+            cmd += ["--restart-reason", restart_reason]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
         self.proc = subprocess.Popen(cmd)
@@ -58,12 +71,13 @@ class TrainerProcess:
             await asyncio.sleep(0.5)
             if self.proc is None or self.proc.poll() is None:
                 continue
-            logger.error("hogwild: the training process exited with code %s; restarting", self.proc.returncode)
+            reason = exit_reason(self.proc.returncode)
+            logger.error("hogwild: %s; restarting it", reason)
             lived = time.monotonic() - self.started_at
             pause = 1.0 if lived > 60 else min(pause * 2, 30.0)
             await asyncio.sleep(pause)
             self.restarts += 1
-            self.start()
+            self.start(restart_reason=reason)
 
     def stop(self) -> None:
         if self.watcher is not None:

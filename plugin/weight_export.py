@@ -18,7 +18,7 @@ import torch
 
 from hogwild.worker.manifest import ARENA_NAME, CudaIpcHandle, HFSlice, Manifest, TensorEntry, write_manifest
 
-logger = logging.getLogger("hogwild.plugin")
+logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 
 ALIGN = 4096  # page-aligned tensors: checkpoints diff blocks of this size
 

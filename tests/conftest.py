@@ -17,6 +17,11 @@ from hogwild import tiny_model
 from hogwild.launch import VllmServer
 
 API_KEY = "test-api-key"
+ADMIN_KEY = "test-admin-key"
+# Small limits, so that tests can reach them (the defaults are in plugin/limits.py).
+LIMITS = {"HOGWILD_MAX_SAMPLES": "256", "HOGWILD_MAX_TOKENS": "65536", "HOGWILD_MAX_STEPS": "5000",
+          "HOGWILD_MAX_BODY_BYTES": str(4 << 20), "HOGWILD_MAX_QUEUED_JOBS": "4",
+          "HOGWILD_TRAINER_MEMORY_LIMIT": str(1 << 30)}
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +39,9 @@ class Served:
 
     def __init__(self, server: VllmServer, model_dir: Path, session: Path, state_dir: Path):
         self.server, self.model_dir, self.session, self.state_dir = server, model_dir, session, state_dir
-        self.http = httpx.Client(base_url=server.url, headers=server.headers(), timeout=300)
+        admin = server.env.get("HOGWILD_ADMIN_KEY")
+        headers = {**server.headers(), **({"X-Hogwild-Admin-Key": admin} if admin else {})}
+        self.http = httpx.Client(base_url=server.url, headers=headers, timeout=300)
 
     def arena_digest(self) -> str:
         """SHA-256 of every byte of the served weights (the shared arena)."""
@@ -61,11 +68,11 @@ class Served:
 
 
 def start_served(model_dir: Path, tmp: Path, name: str, env: dict | None = None, wait_trainer: bool = True,
-                 **kwargs) -> tuple[VllmServer, Served]:
+                 api_key: str | None = API_KEY, **kwargs) -> tuple[VllmServer, Served]:
     """A real `vllm serve` with the plugin, its session directory at a known path."""
     session = Path("/dev/shm") / f"hogwild-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     state_dir = tmp / f"{name}-state"
-    server = VllmServer(model_dir, log_path=tmp / f"{name}-vllm.log", api_key=API_KEY,
+    server = VllmServer(model_dir, log_path=tmp / f"{name}-vllm.log", api_key=api_key,
                         env={"HOGWILD_SESSION_DIR": str(session), "HOGWILD_STATE_DIR": str(state_dir), **(env or {})}, **kwargs)
     server.start(timeout=600)
     if wait_trainer:
@@ -76,7 +83,7 @@ def start_served(model_dir: Path, tmp: Path, name: str, env: dict | None = None,
 @pytest.fixture(scope="session")
 def served(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("served")
-    server, handle = start_served(tiny_model_dir, tmp, "qwen2", dtype="float32")
+    server, handle = start_served(tiny_model_dir, tmp, "qwen2", dtype="float32", env={"HOGWILD_ADMIN_KEY": ADMIN_KEY, **LIMITS})
     yield handle
     server.stop()
     shutil.rmtree(handle.session, ignore_errors=True)

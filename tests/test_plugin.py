@@ -73,3 +73,23 @@ def test_wire_messages_are_versioned_json():
     assert not bad.ok and bad.error.code == "invalid"
     assert parse_request(b"\x80 not json").ok is False
     assert Request(id="4", body=StatusOp()).body.op == "status"
+
+
+def test_unauthenticated_training_beyond_loopback_needs_an_explicit_opt_in(monkeypatch):
+    from hogwild.plugin.auth import Access
+
+    for var in ("VLLM_API_KEY", "HOGWILD_ADMIN_KEY", "HOGWILD_ALLOW_UNAUTHENTICATED_TRAINING"):
+        monkeypatch.delenv(var, raising=False)
+
+    def args(**kw):
+        return SimpleNamespace(api_key=None, host=None, uds=None, **kw) if "host" not in kw else SimpleNamespace(api_key=None, uds=None, **kw)
+
+    assert "every interface" in Access(args()).refusal  # vLLM's default host: all interfaces
+    assert "0.0.0.0" in Access(args(host="0.0.0.0")).refusal
+    assert Access(args(host="127.0.0.1")).refusal is None
+    assert Access(SimpleNamespace(api_key=["k"], host="0.0.0.0", uds=None)).refusal is None
+    monkeypatch.setenv("HOGWILD_ADMIN_KEY", "admin")
+    assert Access(args(host="0.0.0.0")).refusal is None
+    monkeypatch.delenv("HOGWILD_ADMIN_KEY")
+    monkeypatch.setenv("HOGWILD_ALLOW_UNAUTHENTICATED_TRAINING", "1")
+    assert Access(args(host="0.0.0.0")).refusal is None

@@ -63,12 +63,18 @@ class SFTResult:
         return asdict(self)
 
 
+def count_steps(n_samples: int, options: SFTOptions) -> int:
+    """How many optimizer steps a job of ``n_samples`` takes."""
+    if options.steps is not None:
+        return options.steps
+    return options.epochs * math.ceil(n_samples / (options.batch_size or n_samples))
+
+
 def plan_steps(n_samples: int, options: SFTOptions) -> list[list[int]]:
     """Sample indices of each optimizer step, epoch by epoch."""
     batch = options.batch_size or n_samples
     rng = random.Random(options.seed)
-    per_epoch = math.ceil(n_samples / batch)
-    total = options.steps if options.steps is not None else options.epochs * per_epoch
+    total = count_steps(n_samples, options)
     plan: list[list[int]] = []
     while len(plan) < total:
         order = list(range(n_samples))

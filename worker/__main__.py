@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    parser.add_argument("--restart-reason", default=None, help="why the previous trainer stopped (reported on its running job)")
     args = parser.parse_args(argv)
     parent = args.parent_pid or os.getppid()
     exit_with_parent(parent)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    service = TrainerService(args.session, args.state_dir)
+    service = TrainerService(args.session, args.state_dir, restart_reason=args.restart_reason)
 
     def stop(*_):
         service.stopping = True

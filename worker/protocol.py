@@ -54,6 +54,14 @@ class JobOp(BaseModel):
     job_id: str
 
 
+class CancelOp(BaseModel):
+    """Cancel a queued job, or stop a running one after its current step."""
+
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["cancel"] = "cancel"
+    job_id: str
+
+
 class TokenLogprobsOp(BaseModel):
     """log P(token_ids[p] | token_ids[:p]) for p >= 1, from the trainer's model."""
 
@@ -62,7 +70,7 @@ class TokenLogprobsOp(BaseModel):
     token_ids: list[TokenId] = Field(min_length=2)
 
 
-Op = Annotated[Union[StatusOp, SubmitOp, JobOp, TokenLogprobsOp], Field(discriminator="op")]
+Op = Annotated[Union[StatusOp, SubmitOp, JobOp, CancelOp, TokenLogprobsOp], Field(discriminator="op")]
 
 
 class Request(BaseModel):
@@ -75,12 +83,20 @@ class Request(BaseModel):
 # ---- replies and events ---------------------------------------------------
 
 
-ErrorCode = Literal["invalid", "unsupported", "unavailable", "not_found", "internal", "version"]
+ErrorCode = Literal["invalid", "unsupported", "unavailable", "not_found", "busy", "too_large", "conflict", "internal", "version"]
 
 
 class ErrorInfo(BaseModel):
     code: ErrorCode
     message: str
+
+
+class OpError(Exception):
+    """An op refused by the trainer; becomes an error reply with ``code``."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 class Reply(BaseModel):

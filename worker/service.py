@@ -3,7 +3,7 @@
 One thread (the transport loop in ``__main__``) answers requests; one job
 thread loads the model and then runs jobs one at a time. Status never waits
 for the model; ops that run the model (``token_logprobs``) wait for the job
-thread to be between jobs.
+thread to be between jobs, on a thread of their own.
 """
 
 from __future__ import annotations
@@ -15,43 +15,45 @@ import secrets
 import threading
 import time
 import traceback
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from hogwild.training.batches import Sample
-from hogwild.training.sft import SFTTrainer
+from hogwild.training.memory import available_memory, estimate_job_memory
+from hogwild.training.sft import SFTOptions, SFTTrainer
 
+from .jobs import Job, JobBook
+from .journal import JobJournal
 from .ledger import Ledger
 from .manifest import Manifest, read_manifest
 from .process_memory import memory_snapshot, release_free_heap
-from .protocol import ErrorInfo, Event, JobInfo, JobOp, Reply, Request, StatusOp, SubmitOp, TokenLogprobsOp
+from .protocol import (
+    CancelOp,
+    ErrorInfo,
+    Event,
+    JobInfo,
+    JobOp,
+    OpError,
+    Reply,
+    Request,
+    StatusOp,
+    SubmitOp,
+    TokenLogprobsOp,
+)
 from .views import UnsupportedModel, bind_views, model_skeleton, shared_parameter_bytes
 
 logger = logging.getLogger("hogwild.worker")
 
-RECENT_JOBS = 32
 
-
-class OpError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-class Job:
-    def __init__(self, op: SubmitOp, skipped_ids: list[str], trainer_id: str):
-        self.op = op
-        self.info = JobInfo(
-            job_id=f"job-{secrets.token_hex(6)}", trainer_id=trainer_id, mode=op.mode, state="queued", n_samples=len(op.samples),
-            skipped_ids=skipped_ids, submitted_at=time.time(),
-        )
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
 
 
 class TrainerService:
-    def __init__(self, session: Path, state_dir: Path, manifest_timeout: float = 120.0):
+    def __init__(self, session: Path, state_dir: Path, manifest_timeout: float = 120.0, restart_reason: str | None = None):
         self.session = session
         self.state_dir = state_dir
         self.manifest_timeout = manifest_timeout
@@ -63,11 +65,12 @@ class TrainerService:
         self.vocab_size = 0
         self.max_positions = 0
         self.ledger = Ledger(state_dir / "ledger.jsonl")
-        self.jobs: dict[str, Job] = {}
-        self.pending: deque[Job] = deque()
-        self.recent: deque[str] = deque(maxlen=RECENT_JOBS)
-        self.running: Job | None = None
-        self.cv = threading.Condition()
+        self.trainer_id = secrets.token_hex(6)
+        self.jobs = JobBook(JobJournal(state_dir / "jobs"), self.trainer_id, _env_int("HOGWILD_MAX_QUEUED_JOBS", 16))
+        for info in self.jobs.recover(restart_reason or "the training process stopped"):
+            logger.warning("job %s was running when the previous trainer died: reported failed", info.job_id)
+        # Bytes a job may use at most (default: whatever the device has free).
+        self.memory_limit = _env_int("HOGWILD_TRAINER_MEMORY_LIMIT", 0) or None
         self.model_lock = threading.Lock()
         self.weights_version = 0
         # (client identity, message) to send; identity None = every client.
@@ -78,7 +81,6 @@ class TrainerService:
         self.shared_param_bytes = 0
         self.param_bytes = 0
         self.stopping = False
-        self.trainer_id = secrets.token_hex(6)
 
     # ---- loading --------------------------------------------------------
 
@@ -147,7 +149,9 @@ class TrainerService:
             elif isinstance(body, SubmitOp):
                 result = self.submit(body).model_dump()
             elif isinstance(body, JobOp):
-                result = self.job(body.job_id).model_dump()
+                result = self.jobs.get(body.job_id).info.model_dump()
+            elif isinstance(body, CancelOp):
+                result = self.cancel(body.job_id).model_dump()
             elif isinstance(body, TokenLogprobsOp):
                 result = {"logprobs": self.token_logprobs(body.token_ids)}
             else:  # pragma: no cover - the union is exhaustive
@@ -172,6 +176,7 @@ class TrainerService:
             ids = sample.context_ids + sample.continuation_ids
             if max(ids) >= self.vocab_size:
                 raise OpError("invalid", f"samples[{i}]: token id {max(ids)} is outside the vocabulary (size {self.vocab_size})")
+        self._check_memory(op)
         seen: set[str] = set()
         skipped = []
         for s in op.samples:
@@ -179,18 +184,29 @@ class TrainerService:
                 skipped.append(s.id)
             elif s.id is not None:
                 seen.add(s.id)
-        job = Job(op, skipped, self.trainer_id)
-        with self.cv:
-            self.jobs[job.info.job_id] = job
-            self.pending.append(job)
-            self.cv.notify()
-        return job.info
+        return self.jobs.add(op, skipped)
 
-    def job(self, job_id: str) -> JobInfo:
-        job = self.jobs.get(job_id)
-        if job is None:
-            raise OpError("not_found", f"no job {job_id!r}")
-        return job.info
+    def _check_memory(self, op: SubmitOp) -> None:
+        """Refuse a job that cannot fit, before it touches the weights."""
+        options: SFTOptions = op.options
+        micro = min(options.micro_batch_size, options.batch_size or len(op.samples), len(op.samples))
+        seq = max(len(s.context_ids) + len(s.continuation_ids) for s in op.samples)
+        trainer = self.trainer
+        new_optimizer = trainer.optimizer is None or trainer.structure != options.structure()
+        need = estimate_job_memory(self.model, micro, seq, options.rank, new_optimizer)
+        device = next(self.model.parameters()).device
+        free = available_memory(device)
+        budget = min(free, self.memory_limit) if self.memory_limit else free
+        if need.total > budget:
+            raise OpError("too_large", f"this job needs about {need.describe()} on {device.type}, but only "
+                          f"{budget / 2**30:.2f} GiB is available to the trainer: lower micro_batch_size or the sample length")
+
+    def cancel(self, job_id: str) -> JobInfo:
+        info = self.jobs.cancel(job_id)
+        if info.state == "cancelled":
+            self.outbox.put((None, Event(event="job_finished", trainer_id=self.trainer_id, job=info,
+                                         weights_version=self.weights_version, weights_changed=False)))
+        return info
 
     def token_logprobs(self, token_ids: list[int]) -> list[float]:
         self._require_ready()
@@ -204,10 +220,7 @@ class TrainerService:
             return logprobs.gather(1, ids[0, 1:, None])[:, 0].tolist()
 
     def status(self) -> dict:
-        with self.cv:
-            queued = [j.info.model_dump() for j in self.pending]
-            running = self.running.info.model_dump() if self.running else None
-            recent = [self.jobs[i].info.model_dump() for i in reversed(self.recent)]
+        queued, running, recent = self.jobs.snapshot()
         trainer = self.trainer
         memory = memory_snapshot()
         return {
@@ -219,9 +232,10 @@ class TrainerService:
             "architectures": self.manifest.architectures if self.manifest else [],
             "dtype": self.manifest.dtype if self.manifest else None,
             "backend": self.manifest.backend if self.manifest else None,
-            "queue": queued,
-            "running": running,
-            "recent": recent,
+            "queue": [j.model_dump() for j in queued],
+            "running": running.model_dump() if running else None,
+            "recent": [j.model_dump() for j in recent],
+            "max_queued_jobs": self.jobs.max_queued,
             "weights_version": self.weights_version,
             "ledger_size": len(self.ledger),
             "optimizer": {
@@ -245,21 +259,31 @@ class TrainerService:
     def job_loop(self) -> None:
         self.load()
         while not self.stopping:
-            with self.cv:
-                while not self.pending and not self.stopping:
-                    self.cv.wait(timeout=0.5)
-                if self.stopping:
-                    return
-                job = self.pending.popleft()
-                self.running = job
-            self._run(job)
-            with self.cv:
-                self.running = None
-                self.recent.append(job.info.job_id)
+            job = self.jobs.next(lambda: self.stopping)
+            if job is not None:
+                self._run(job)
+                self.jobs.end(job)
 
     def _run(self, job: Job) -> None:
         info = job.info
-        info.state, info.started_at = "running", time.time()
+        version_before = self.weights_version
+        if self.state != "ready":
+            state, error = "failed", f"the trainer is {self.state}: {self.reason}"
+        elif job.cancel_requested:
+            state, error = "cancelled", None
+        else:
+            state, error = self._train(job)
+        if self.trainer is not None and self.trainer.optimizer is not None:
+            self.optimizer_state_bytes = self.trainer.optimizer_bytes()  # the job thread owns the optimizer
+        release_free_heap()
+        info.finished_at, info.weights_version, info.error = time.time(), self.weights_version, error
+        info.state = state  # last: whoever sees a finished job sees all of it
+        self.outbox.put((None, Event(event="job_finished", trainer_id=self.trainer_id, job=info,
+                                     weights_version=self.weights_version, weights_changed=self.weights_version != version_before)))
+
+    def _train(self, job: Job) -> tuple[str, str | None]:
+        """Run the job's training; returns its final (state, error)."""
+        info = job.info
         chosen, seen = [], set()
         for s in job.op.samples:
             if s.id is not None and (s.id in self.ledger or s.id in seen):
@@ -273,25 +297,23 @@ class TrainerService:
         version_before = self.weights_version
 
         def on_step(step: int, total: int, result) -> None:
-            info.step, info.total_steps = step, total
             self.weights_version = version_before + result.steps
+            self.jobs.progress(job, step, total)
 
+        if not samples:
+            info.result = {"steps": 0, "note": "every sample was already trained"}
+            return "succeeded", None
         try:
-            if samples:
-                with self.model_lock:
-                    result = self.trainer.run(samples, job.op.options, on_step=on_step)
-                info.result = result.as_dict()
-            else:
-                info.result = {"steps": 0, "note": "every sample was already trained"}
-            self.ledger.record([s.id for s in samples if s.id is not None], info.job_id)
-            info.state = "succeeded"
+            self._check_memory(job.op)  # memory may have changed since submission
+            with self.model_lock:
+                result = self.trainer.run(samples, job.op.options, on_step=on_step, should_stop=lambda: job.cancel_requested)
+        except OpError as exc:
+            return "failed", str(exc)
         except Exception as exc:
             logger.error("job %s failed:\n%s", info.job_id, traceback.format_exc())
-            info.state, info.error = "failed", f"{type(exc).__name__}: {exc}"
-        if self.trainer.optimizer is not None:  # measured here: the job thread owns the optimizer
-            self.optimizer_state_bytes = self.trainer.optimizer_bytes()
-        release_free_heap()
-        info.finished_at = time.time()
-        info.weights_version = self.weights_version
-        self.outbox.put((None, Event(event="job_finished", trainer_id=self.trainer_id, job=info,
-                                     weights_version=self.weights_version, weights_changed=self.weights_version != version_before)))
+            return "failed", f"{type(exc).__name__}: {exc}"
+        info.result = result.as_dict()
+        if result.stopped_early:
+            return "cancelled", None  # its completed steps stay applied; its samples are not in the ledger
+        self.ledger.record([s.id for s in samples if s.id is not None], info.job_id)
+        return "succeeded", None

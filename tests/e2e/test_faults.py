@@ -1,0 +1,104 @@
+"""kill -9 the training process in the middle of a job, again and again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.server
+
+SAMPLE = {"context_ids": [5, 6, 7, 8], "continuation_ids": [9, 10, 11]}
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def test_killing_the_trainer_mid_job_loses_no_job_and_fails_no_completion(served):
+    stop, failures, completions = threading.Event(), [], []
+
+    def user() -> None:  # a user of the model, all along
+        with httpx.Client(base_url=served.server.url, headers=served.server.headers(), timeout=120) as http:
+            while not stop.is_set():
+                try:
+                    r = http.post("/v1/completions", json={"model": str(served.model_dir), "prompt": [5, 6, 7], "max_tokens": 4})
+                    (completions if r.status_code == 200 else failures).append(r.status_code)
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+
+    users = [threading.Thread(target=user) for _ in range(2)]
+    for t in users:
+        t.start()
+
+    submitted: list[str] = []
+    waited: dict = {}
+
+    def submit(body: dict) -> dict:
+        r = served.http.post("/train", json=body)
+        assert r.status_code == 200, r.text
+        submitted.append(r.json()["job_id"])
+        return r.json()
+
+    def state(job_id: str) -> dict:
+        while True:  # answers 503 while the trainer restarts
+            r = served.http.get(f"/train/{job_id}")
+            if r.status_code == 200:
+                return r.json()
+            assert r.status_code == 503 and r.headers["Retry-After"], r.text
+            time.sleep(0.2)
+
+    answers_while_down = []
+    try:
+        for round_ in range(3):
+            long = {"samples": [SAMPLE], "lr": 1e-6, "steps": 4000}
+            if round_ == 0:  # a caller blocked in `wait` must hear how its job ended
+                waiter = threading.Thread(target=lambda: waited.update(served.http.post("/train", json={**long, "wait": True}).json()))
+                waiter.start()
+                while not served.http.get("/train/status").json().get("running"):
+                    time.sleep(0.05)
+                running = served.http.get("/train/status").json()["running"]
+                submitted.append(running["job_id"])
+            else:
+                running = submit(long)
+            queued = submit({"samples": [SAMPLE], "lr": 1e-6, "steps": 3})
+            while state(running["job_id"])["step"] < 1:
+                time.sleep(0.05)
+
+            before = served.http.get("/train/status").json()
+            os.kill(before["pid"], signal.SIGKILL)
+            while True:  # every route answers 503 with Retry-After until a new trainer is up
+                r = served.http.get("/train/status")
+                if r.status_code == 200 and r.json()["trainer_id"] != before["trainer_id"] and r.json()["state"] == "ready":
+                    break
+                answers_while_down.append((r.status_code, r.headers.get("Retry-After")))
+                time.sleep(0.1)
+
+            dead = state(running["job_id"])
+            while dead["state"] not in TERMINAL:
+                time.sleep(0.1)
+                dead = state(running["job_id"])
+            assert dead["state"] == "failed", dead
+            assert "killed by SIGKILL" in dead["error"] and "steps had been applied" in dead["error"], dead["error"]
+            requeued = state(queued["job_id"])
+            while requeued["state"] not in TERMINAL:
+                time.sleep(0.1)
+                requeued = state(queued["job_id"])
+            assert requeued["state"] == "succeeded", requeued  # it had not started: it ran on the new trainer
+            if round_ == 0:
+                waiter.join(120)
+                assert waited["job_id"] == running["job_id"] and waited["state"] == "failed"
+    finally:
+        stop.set()
+        for t in users:
+            t.join(60)
+
+    assert answers_while_down and all(code == 503 and retry for code, retry in answers_while_down), answers_while_down
+    assert not failures, f"completions failed while the trainer was killed: {failures[:5]}"
+    assert len(completions) > 10
+    finals = [state(job_id)["state"] for job_id in submitted]
+    assert all(s in TERMINAL for s in finals), finals
+    # The next job works.
+    r = served.http.post("/train", json={"samples": [SAMPLE], "lr": 1e-6, "steps": 2, "wait": True})
+    assert r.status_code == 200 and r.json()["state"] == "succeeded"

@@ -1,0 +1,131 @@
+"""The trainer's jobs: the queue, the running one, the finished ones.
+
+Every change of a job's state goes to the journal first, so that a trainer
+started after this one died can account for every job (see ``journal.py``).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import deque
+
+from .journal import KEEP_FINISHED, JobJournal
+from .protocol import JobInfo, OpError, SubmitOp
+
+RECENT_JOBS = 32  # finished jobs listed by status
+
+
+class Job:
+    def __init__(self, op: SubmitOp, info: JobInfo):
+        self.op = op
+        self.info = info
+        self.cancel_requested = False
+        self.last_saved = 0.0
+
+
+class JobBook:
+    def __init__(self, journal: JobJournal, trainer_id: str, max_queued: int):
+        self.journal = journal
+        self.trainer_id = trainer_id
+        self.max_queued = max_queued
+        self.jobs: dict[str, Job] = {}
+        self.pending: deque[Job] = deque()
+        self.finished: list[str] = []  # oldest first
+        self.running: Job | None = None
+        self.cv = threading.Condition()
+
+    def recover(self, reason: str) -> list[JobInfo]:
+        """Read the journal left by earlier trainers: finished jobs stay answerable,
+        queued ones run again, the one that was running is failed with ``reason``.
+        Returns the jobs failed here."""
+        failed = []
+        for info, request in self.journal.load():
+            job = Job(request, info)
+            self.jobs[info.job_id] = job
+            if info.done:
+                self.finished.append(info.job_id)
+            elif info.state == "queued" and request is not None:
+                self.pending.append(job)
+            else:
+                info.state, info.finished_at = "failed", time.time()
+                info.error = (f"{reason} while this job was running; {info.step} of {info.total_steps} steps had been "
+                              "applied to the served weights. Resubmit it to train the rest.")
+                self.journal.save(info, None)
+                self.finished.append(info.job_id)
+                failed.append(info)
+        return failed
+
+    def add(self, op: SubmitOp, skipped_ids: list[str]) -> JobInfo:
+        with self.cv:
+            if len(self.pending) >= self.max_queued:
+                raise OpError("busy", f"{len(self.pending)} jobs are queued, the limit is {self.max_queued}; retry later")
+            info = JobInfo(job_id=f"job-{secrets.token_hex(6)}", trainer_id=self.trainer_id, mode=op.mode, state="queued",
+                           n_samples=len(op.samples), skipped_ids=skipped_ids, submitted_at=time.time())
+            job = Job(op, info)
+            self.journal.save(info, op)  # durable before the caller hears "queued"
+            self.jobs[info.job_id] = job
+            self.pending.append(job)
+            self.cv.notify()
+            return info
+
+    def get(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise OpError("not_found", f"no job {job_id!r}")
+        return job
+
+    def cancel(self, job_id: str) -> JobInfo:
+        with self.cv:
+            job = self.get(job_id)
+            if job.info.done:
+                raise OpError("conflict", f"job {job_id} has already ended ({job.info.state})")
+            if job is self.running:
+                job.cancel_requested = True  # the trainer stops after its current step
+                return job.info
+            self.pending.remove(job)
+            job.info.state, job.info.finished_at = "cancelled", time.time()
+            self._finish(job)
+            return job.info
+
+    def next(self, stopping) -> Job | None:
+        """Block until a job is queued (None once ``stopping()``); it becomes the running one."""
+        with self.cv:
+            while not self.pending:
+                if stopping():
+                    return None
+                self.cv.wait(timeout=0.5)
+            job = self.pending.popleft()
+            job.info.state, job.info.started_at, job.info.trainer_id = "running", time.time(), self.trainer_id
+            self.running = job
+        self.journal.save(job.info, job.op)
+        return job
+
+    def progress(self, job: Job, step: int, total: int) -> None:
+        """Record progress; written to disk at most once a second (not fsynced)."""
+        job.info.step, job.info.total_steps = step, total
+        now = time.monotonic()
+        if now - job.last_saved >= 1.0:
+            job.last_saved = now
+            self.journal.save(job.info, job.op, durable=False)
+
+    def end(self, job: Job) -> None:
+        with self.cv:
+            self.running = None
+            self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        self.journal.save(job.info, None)  # the samples are no longer needed
+        self.finished.append(job.info.job_id)
+        if len(self.finished) > KEEP_FINISHED:
+            old, self.finished = self.finished[:-KEEP_FINISHED], self.finished[-KEEP_FINISHED:]
+            self.journal.forget(old)
+            for job_id in old:
+                del self.jobs[job_id]
+
+    def snapshot(self) -> tuple[list[JobInfo], JobInfo | None, list[JobInfo]]:
+        """(queued, running, recent finished, newest first)."""
+        with self.cv:
+            return ([j.info for j in self.pending], self.running.info if self.running else None,
+                    [self.jobs[i].info for i in reversed(self.finished[-RECENT_JOBS:])])

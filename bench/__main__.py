@@ -12,7 +12,7 @@ import importlib
 import json
 import sys
 
-BENCHMARKS = {"spine": "bench.spine", "load": "bench.load"}
+BENCHMARKS = {"spine": "bench.spine", "load": "bench.load", "checkpoint": "bench.checkpoint"}
 
 
 def main(argv: list[str] | None = None) -> None:

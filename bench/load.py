@@ -105,7 +105,7 @@ def run(quick: bool = False, log=print) -> dict:
                  "mode": "compiled", "streams": 16, "seconds": seconds}
     with tempfile.TemporaryDirectory() as state:
         server = VllmServer(path, log_path=CACHE / "bench" / "load-vllm.log", dtype="float32", eager=False,
-                            env={"HOGWILD_STATE_DIR": state})
+                            env={"HOGWILD_STATE_DIR": state, "HOGWILD_CHECKPOINT_AFTER_MINUTES": "0"})
         server.start(timeout=900)
         try:
             server.wait_trainer(timeout=600)

@@ -69,7 +69,8 @@ def run(quick: bool = False, log=print) -> dict:
     out: dict = {"benchmark": "spine", "machine": machine(), "model": {"preset": preset, "dtype": "float32"}, "mode": "compiled"}
     with tempfile.TemporaryDirectory() as state:
         server = VllmServer(path, log_path=CACHE / "bench" / "spine-vllm.log", dtype="float32", eager=False, max_model_len=1024,
-                            env={"HOGWILD_STATE_DIR": state, "HOGWILD_TRAINER_THREADS": str(threads)})
+                            env={"HOGWILD_STATE_DIR": state, "HOGWILD_TRAINER_THREADS": str(threads),
+                                 "HOGWILD_CHECKPOINT_AFTER_MINUTES": "0"})  # never write into the cached model
         server.start(timeout=900)
         try:
             return measure(server, path, tok, threads, quick, out, log)

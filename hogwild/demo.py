@@ -1,8 +1,10 @@
 """The demo: ``make demo`` (``python -m hogwild.demo --out demo-output``).
 
-Builds the tiny model if needed, starts a real ``vllm serve`` with the plugin,
-and walks through what has landed, printing each step and leaving a short
-report (``report.md``) with a plot in the output folder.
+Builds the tiny model if needed, serves a fresh copy of it with a real
+``vllm serve`` and the plugin, and walks through what has landed (train,
+score, ledger, HOGWILD inference, cancellation, checkpoint, restart from the
+checkpoint), printing each step and leaving a short report (``report.md``)
+with a plot in the output folder.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from hogwild.launch import VllmServer
 
 PROMPT = "The served model says:"
 TARGET = " I was trained while I served."
-NOT_YET = ["readouts (issue: readout)", "reward heads (issue: BTRM)", "circuit breakers (issue: circuit-breaker LoRA)",
-           "checkpoints (issue: checkpoints)"]
+NOT_YET = ["readouts (issue: readout)", "reward heads (issue: BTRM)", "circuit breakers (issue: circuit-breaker LoRA)"]
 
 
 def say(text: str = "") -> None:
@@ -52,16 +53,9 @@ class Demo:
         r.raise_for_status()
         return [s["total_logprob"] for s in r.json()["scores"]]
 
-    def run(self) -> None:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(self.model)
-        ctx, target = tok.encode(PROMPT), tok.encode(TARGET)
+    def start_server(self) -> dict:
         log = self.out / "vllm.log"
-        log.unlink(missing_ok=True)
-        shutil.rmtree(self.out / "state", ignore_errors=True)  # a fresh ledger each run
-        self.server = VllmServer(self.model, log_path=log, dtype="float32",
-                                 env={"HOGWILD_STATE_DIR": str(self.out / "state")})
+        self.server = VllmServer(self.model, log_path=log, dtype="float32", env={"HOGWILD_STATE_DIR": str(self.out / "state")})
         say(f"starting: VLLM_PLUGINS=hogwild vllm {' '.join(self.server.args)}   (log: {log})")
         started = time.monotonic()
         self.server.start()
@@ -69,6 +63,15 @@ class Demo:
         self.http = httpx.Client(base_url=self.server.url, timeout=600)
         self.note(f"Server healthy and trainer `{status['state']}` after {time.monotonic() - started:.0f} s "
                   f"({status['model']}, {status['dtype']}, weights shared via `{status['backend']}`).")
+        return status
+
+    def run(self) -> None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.model)
+        ctx, target = tok.encode(PROMPT), tok.encode(TARGET)
+        (self.out / "vllm.log").unlink(missing_ok=True)
+        self.start_server()
         self.note()
 
         self.note("## 1. A completion from the untrained model")
@@ -112,7 +115,34 @@ class Demo:
         self.note(f"    {served} completions answered while job {job['job_id']} trained 300 steps")
         self.note()
 
-        self.note("## 6. What the trainer holds")
+        self.note("## 6. Cancelling a job")
+        job = self.http.post("/train", json={"samples": [{"context_ids": other_ctx, "continuation_ids": other}],
+                                             "lr": 1e-6, "steps": 100000}).json()
+        while self.http.get(f"/train/{job['job_id']}").json()["step"] < 5:
+            time.sleep(0.05)
+        self.http.delete(f"/train/{job['job_id']}")
+        while (info := self.http.get(f"/train/{job['job_id']}").json())["state"] == "running":
+            time.sleep(0.05)
+        self.note(f"    DELETE /train/{job['job_id']}: {info['state']} after {info['result']['steps']} of 100000 steps")
+        self.note()
+
+        self.note("## 7. POST /checkpoint: the model directory is the checkpoint")
+        report = self.http.post("/checkpoint", json={}).json()
+        self.note(f"    {report['blocks_written']} of {report['blocks_compared']} 4 KiB blocks changed; {report['bytes_written']} "
+                  f"bytes written ({', '.join(f'{k}: {v}' for k, v in report['method'].items())}) in {report['seconds']:.3f} s, "
+                  f"plus the optimizer state (step {report['optimizer_step']}) and the ledger ({report['ledger_ids']} ids)")
+        self.note()
+
+        self.note("## 8. Stop the server, start it again from the same directory")
+        self.server.stop()
+        status = self.start_server()
+        restored = status["checkpoint"]["restored"]
+        text, ids = self.complete(ctx, len(target))
+        self.note(f"    {PROMPT!r} -> {text!r}   ({'still the target' if ids == target else 'NOT the target'}); "
+                  f"optimizer restored at step {restored['optimizer_step']}, {restored['ledger_ids']} trained ids")
+        self.note()
+
+        self.note("## 9. What the trainer holds")
         status = self.http.get("/train/status").json()
         mem = status["memory"]
         self.note(f"    parameters: {mem['param_bytes'] / 2**20:.2f} MiB, all in the server's shared memory: "
@@ -162,12 +192,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=None, help="a model directory (default: build the tiny model)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = args.model
-    if model is None:
-        model = Path(".cache/models/tiny-float32")
-        if not (model / "config.json").exists():
-            say(f"building the tiny model in {model} ...")
-            tiny_model.build(model)
+    source = args.model
+    if source is None:
+        source = Path(".cache/models/tiny-float32")
+        if not (source / "config.json").exists():
+            say(f"building the tiny model in {source} ...")
+            tiny_model.build(source)
+    # The demo checkpoints into the directory it serves: serve a fresh copy.
+    model = args.out / "model"
+    shutil.rmtree(model, ignore_errors=True)
+    shutil.rmtree(args.out / "state", ignore_errors=True)
+    shutil.copytree(source, model, ignore=shutil.ignore_patterns(".hogwild"))
     demo = Demo(args.out, model.resolve())
     try:
         demo.run()

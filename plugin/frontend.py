@@ -16,12 +16,13 @@ from argparse import Namespace
 from pathlib import Path
 
 from hogwild.training.sft import count_steps
-from hogwild.worker.protocol import CancelOp, Event, JobInfo, JobOp, StatusOp, SubmitOp
+from hogwild.worker.protocol import CancelOp, CheckpointOp, Event, JobInfo, JobOp, StatusOp, SubmitOp
 
 from .auth import Access
 from .http_errors import ApiError
 from .limits import Limits
-from .schemas import ScoreRequest, TrainRequest
+from .paths import PathPolicy
+from .schemas import CheckpointRequest, ScoreRequest, TrainRequest
 from .scoring import prompt_token_logprobs, range_totals
 from .session import ensure_session_dir
 from .trainer_client import TrainerClient, TrainerError, TrainerUnavailable
@@ -68,6 +69,8 @@ class Frontend:
         self.unsupported = unsupported_reason(config)
         self.session = ensure_session_dir()
         self.state_dir = default_state_dir(str(config.model_config.model))
+        model_path = Path(str(config.model_config.model))
+        self.paths = PathPolicy.from_env(([model_path] if model_path.is_dir() else []) + [self.state_dir])
         self.process = TrainerProcess(self.session, self.state_dir, threads=_env_int("HOGWILD_TRAINER_THREADS"))
         self.client: TrainerClient | None = None
         self.cache_state: tuple[str | None, int] = (None, -1)
@@ -93,7 +96,8 @@ class Frontend:
         while True:
             try:
                 status = await self.client.request(StatusOp(), timeout=10.0)
-                if status["trainer_id"] != self.cache_state[0]:
+                idle = status["running"] is None and not status["queue"]
+                if status["trainer_id"] != self.cache_state[0] or (idle and status["weights_version"] != self.cache_state[1]):
                     await self.refresh_prefix_cache(status["trainer_id"], status["weights_version"])
             except TrainerError:
                 pass
@@ -112,7 +116,10 @@ class Frontend:
             raise as_api_error(exc) from None
 
     async def on_event(self, event: Event) -> None:
-        if event.weights_changed:
+        # While jobs run back to back, requests see the weights mid-training anyway
+        # (HOGWILD); the cache is reset once the trainer falls idle, and always
+        # before a `wait` caller is answered.
+        if event.trainer_idle and (event.trainer_id, event.weights_version) != self.cache_state:
             await self.refresh_prefix_cache(event.trainer_id, event.weights_version)
 
     async def refresh_prefix_cache(self, trainer_id: str, version: int) -> None:
@@ -183,6 +190,10 @@ class Frontend:
     async def job(self, job_id: str) -> JobInfo:
         return JobInfo(**await self.call(JobOp(job_id=job_id)))
 
+    async def checkpoint(self, req: CheckpointRequest) -> dict:
+        target = str(self.paths.confine(req.target, "target")) if req.target is not None else None
+        return await self.call(CheckpointOp(target=target), timeout=24 * 3600)
+
     async def cancel(self, job_id: str) -> JobInfo:
         return JobInfo(**await self.call(CancelOp(job_id=job_id)))
 
@@ -190,7 +201,7 @@ class Frontend:
         """(HTTP status, body): 503 while the trainer cannot be reached."""
         server = {"session": str(self.session), "state_dir": str(self.state_dir), "trainer_restarts": self.process.restarts,
                   "owns_trainer": self.process.lock_fd is not None, "training_routes_refused": self.access.refusal,
-                  "limits": vars(self.limits)}
+                  "limits": vars(self.limits), "path_roots": [str(r) for r in self.paths.roots]}
         if self.unsupported:
             return 200, {"state": "unsupported", "reason": self.unsupported, "server": server}
         try:

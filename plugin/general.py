@@ -11,6 +11,8 @@ matter in the worker process, where the model is loaded:
    with ``F.linear`` on it.
 2. After the model loader has loaded and post-processed the weights (and before
    warm-up), the weights are published for the trainer (``weight_export``).
+   Before it reads the model directory, a checkpoint sync that was killed
+   half-way is finished or undone (``hogwild.worker.checkpoint.recover``).
 
 Nothing happens unless ``VLLM_PLUGINS`` names ``hogwild``.
 """
@@ -68,6 +70,16 @@ def _training_possible() -> bool:
         return True
 
 
+def _finish_interrupted_checkpoint(model_dir: Path) -> None:
+    """A sync killed half-way is finished (or undone) before vLLM reads the files."""
+    if not model_dir.is_dir():
+        return
+    from hogwild.worker.checkpoint import recover
+
+    for action in recover(model_dir):
+        logger.warning("hogwild: interrupted checkpoint in %s: %s", model_dir, action)
+
+
 def _patch_model_loader() -> None:
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
@@ -76,6 +88,7 @@ def _patch_model_loader() -> None:
         return
 
     def load_model_and_publish(self, vllm_config, model_config, prefix: str = ""):
+        _finish_interrupted_checkpoint(Path(str(model_config.model)))
         model = original(self, vllm_config, model_config, prefix)
         global _published
         # Only the served model: a speculative-decoding drafter loads here too.

@@ -9,7 +9,7 @@ from hogwild.worker.protocol import JobInfo
 
 from .frontend import RETRY_AFTER, Frontend
 from .http_errors import ApiError, PluginRoute
-from .schemas import ScoreRequest, ScoreResponse, TrainRequest
+from .schemas import CheckpointRequest, ScoreRequest, ScoreResponse, TrainRequest
 
 router = APIRouter(route_class=PluginRoute)
 
@@ -37,7 +37,7 @@ def both(path: str) -> list[str]:
     return [path, "/v1" + path]
 
 
-PATH_PREFIXES = tuple(p for base in ("/train", "/score") for p in both(base))
+PATH_PREFIXES = tuple(p for base in ("/train", "/score", "/checkpoint") for p in both(base))
 
 
 async def train(body: TrainRequest, fe: Frontend = Depends(admin)) -> JobInfo:
@@ -62,6 +62,12 @@ async def cancel_job(job_id: str, fe: Frontend = Depends(admin)) -> JobInfo:
     return await fe.cancel(job_id)
 
 
+async def checkpoint(body: CheckpointRequest | None = None, fe: Frontend = Depends(admin)) -> dict:
+    """Sync the served weights into the model directory now (changed 4 KiB blocks only),
+    with the optimizer state and the ledger; the report says what was written."""
+    return await fe.checkpoint(body or CheckpointRequest())
+
+
 async def score(body: ScoreRequest, fe: Frontend = Depends(reader)) -> ScoreResponse:
     """Total log-likelihood of each range of the prompt, from vLLM's engine."""
     return ScoreResponse(scores=await fe.score(body))
@@ -74,5 +80,7 @@ for path in both("/train/status"):
 for path in both("/train/{job_id}"):
     router.add_api_route(path, train_job, methods=["GET"], response_model=JobInfo)
     router.add_api_route(path, cancel_job, methods=["DELETE"], response_model=JobInfo)
+for path in both("/checkpoint"):
+    router.add_api_route(path, checkpoint, methods=["POST"])
 for path in both("/score"):
     router.add_api_route(path, score, methods=["POST"], response_model=ScoreResponse)

@@ -35,6 +35,13 @@ class ScoreRequest(BaseModel):
     logprobs: int = Field(1, ge=0, le=20, description="accepted for client compatibility; totals use the prompt tokens' own logprobs")
 
 
+class CheckpointRequest(BaseModel):
+    """``POST /checkpoint``: sync the served weights to disk now."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    target: str | None = Field(None, max_length=4096, description="a model directory; default: the served one")
+
+
 class RangeScore(BaseModel):
     range_index: int
     total_logprob: float

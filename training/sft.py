@@ -20,6 +20,7 @@ from pydantic import Field
 from .apollo import ApolloHyper, ApolloStructure, apply_hyper, build_optimizer, optimizer_state_bytes
 from .batches import Sample, collate
 from .losses import continuation_nll
+from .optimizer_state import load_optimizer_state, optimizer_state_to_bytes, read_extra
 
 
 class SFTOptions(ApolloStructure, ApolloHyper):
@@ -109,6 +110,21 @@ class SFTTrainer:
 
     def optimizer_bytes(self) -> int:
         return optimizer_state_bytes(self.optimizer) if self.optimizer is not None else 0
+
+    def save_state(self) -> tuple[bytes, bytes] | None:
+        """The optimizer's state and settings and the step count (see ``optimizer_state``)."""
+        if self.optimizer is None:
+            return None
+        extra = {"structure": self.structure.model_dump(), "hyper": self.hyper.model_dump(), "global_step": self.global_step}
+        return optimizer_state_to_bytes(self.optimizer, extra)
+
+    def restore_state(self, tensor_bytes: bytes, json_bytes: bytes) -> None:
+        """Rebuild the optimizer saved by ``save_state`` over this model's parameters."""
+        extra = read_extra(json_bytes)
+        structure, hyper = ApolloStructure(**extra["structure"]), ApolloHyper(**extra["hyper"])
+        optimizer = build_optimizer(self.model, structure, hyper)
+        load_optimizer_state(optimizer, tensor_bytes, json_bytes)
+        self.optimizer, self.structure, self.hyper, self.global_step = optimizer, structure, hyper, int(extra["global_step"])
 
     @torch.no_grad()
     def evaluate(self, samples: Sequence[Sample], micro_batch_size: int = 8) -> float:

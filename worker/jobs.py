@@ -89,13 +89,20 @@ class JobBook:
             self._finish(job)
             return job.info
 
-    def next(self, stopping) -> Job | None:
-        """Block until a job is queued (None once ``stopping()``); it becomes the running one."""
+    def next(self, stopping, on_idle=None) -> Job | None:
+        """Block until a job is queued (None once ``stopping()``); it becomes the
+        running one. ``on_idle`` is called about twice a second meanwhile."""
         with self.cv:
             while not self.pending:
                 if stopping():
                     return None
                 self.cv.wait(timeout=0.5)
+                if on_idle is not None and not self.pending:
+                    self.cv.release()
+                    try:
+                        on_idle()
+                    finally:
+                        self.cv.acquire()
             job = self.pending.popleft()
             job.info.state, job.info.started_at, job.info.trainer_id = "running", time.time(), self.trainer_id
             self.running = job
@@ -123,6 +130,10 @@ class JobBook:
             self.journal.forget(old)
             for job_id in old:
                 del self.jobs[job_id]
+
+    def idle(self) -> bool:
+        with self.cv:
+            return not self.pending
 
     def snapshot(self) -> tuple[list[JobInfo], JobInfo | None, list[JobInfo]]:
         """(queued, running, recent finished, newest first)."""

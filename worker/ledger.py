@@ -1,7 +1,12 @@
 """The ledger of trained sample ids: a sample whose ``id`` is here is skipped.
 
-An append-only JSON-lines file in the state directory, fsynced after each job,
-so it survives restarts. A torn last line (crash mid-write) is ignored on load.
+An append-only JSON-lines file in the state directory, fsynced after each job.
+It must agree with the weights: it survives a restart of the training process
+(the served weights live on in shared memory), but when the server itself
+restarts, the weights come from the model directory again, so the ledger is
+replaced by the copy saved with that checkpoint (or emptied if there is none):
+samples trained after the last checkpoint are trained again. A torn last line
+(crash mid-write) is ignored on load.
 """
 
 from __future__ import annotations
@@ -13,6 +18,19 @@ from pathlib import Path
 
 
 class Ledger:
+    @classmethod
+    def open(cls, path: Path, session: str, checkpoint_copy: Path | None) -> "Ledger":
+        """The ledger for this server session (see the module docstring)."""
+        marker = path.with_suffix(".session")
+        if not (marker.exists() and marker.read_text() == session):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(checkpoint_copy.read_bytes() if checkpoint_copy and checkpoint_copy.exists() else b"")
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+            marker.write_text(session)
+        return cls(path)
+
     def __init__(self, path: Path):
         self.path = path
         self.ids: set[str] = set()

@@ -62,6 +62,14 @@ class CancelOp(BaseModel):
     job_id: str
 
 
+class CheckpointOp(BaseModel):
+    """Sync the served weights (and the trainer's state) into a model directory."""
+
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["checkpoint"] = "checkpoint"
+    target: str | None = None  # default: the served model's directory
+
+
 class TokenLogprobsOp(BaseModel):
     """log P(token_ids[p] | token_ids[:p]) for p >= 1, from the trainer's model."""
 
@@ -70,7 +78,7 @@ class TokenLogprobsOp(BaseModel):
     token_ids: list[TokenId] = Field(min_length=2)
 
 
-Op = Annotated[Union[StatusOp, SubmitOp, JobOp, CancelOp, TokenLogprobsOp], Field(discriminator="op")]
+Op = Annotated[Union[StatusOp, SubmitOp, JobOp, CancelOp, CheckpointOp, TokenLogprobsOp], Field(discriminator="op")]
 
 
 class Request(BaseModel):
@@ -141,6 +149,7 @@ class Event(BaseModel):
     job: JobInfo
     weights_version: int
     weights_changed: bool
+    trainer_idle: bool  # no job queued after this one
 
 
 def encode(message: BaseModel) -> bytes:

@@ -8,6 +8,7 @@ thread to be between jobs, on a thread of their own.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -24,6 +25,7 @@ from hogwild.training.batches import Sample
 from hogwild.training.memory import available_memory, estimate_job_memory
 from hogwild.training.sft import SFTOptions, SFTTrainer
 
+from .checkpoint import STATE_DIRNAME, CheckpointError, copy_model_dir, sync, write_state_file
 from .jobs import Job, JobBook
 from .journal import JobJournal
 from .ledger import Ledger
@@ -31,6 +33,7 @@ from .manifest import Manifest, read_manifest
 from .process_memory import memory_snapshot, release_free_heap
 from .protocol import (
     CancelOp,
+    CheckpointOp,
     ErrorInfo,
     Event,
     JobInfo,
@@ -52,6 +55,11 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
 class TrainerService:
     def __init__(self, session: Path, state_dir: Path, manifest_timeout: float = 120.0, restart_reason: str | None = None):
         self.session = session
@@ -64,7 +72,7 @@ class TrainerService:
         self.trainer: SFTTrainer | None = None
         self.vocab_size = 0
         self.max_positions = 0
-        self.ledger = Ledger(state_dir / "ledger.jsonl")
+        self.ledger: Ledger | None = None  # opened once the model directory is known
         self.trainer_id = secrets.token_hex(6)
         self.jobs = JobBook(JobJournal(state_dir / "jobs"), self.trainer_id, _env_int("HOGWILD_MAX_QUEUED_JOBS", 16))
         for info in self.jobs.recover(restart_reason or "the training process stopped"):
@@ -81,6 +89,11 @@ class TrainerService:
         self.shared_param_bytes = 0
         self.param_bytes = 0
         self.stopping = False
+        # Checkpoints: what was restored at start-up, the last sync, the next scheduled one.
+        self.restored: dict = {}
+        self.last_checkpoint: dict | None = None
+        self.sync_after_s = 60 * _env_float("HOGWILD_CHECKPOINT_AFTER_MINUTES", 10.0)  # 0: never on its own
+        self.sync_due: float | None = None
 
     # ---- loading --------------------------------------------------------
 
@@ -124,8 +137,26 @@ class TrainerService:
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
         pad = getattr(config, "pad_token_id", None)
         self.trainer = SFTTrainer(model, pad_id=int(pad) if isinstance(pad, int) and 0 <= pad < self.vocab_size else 0)
+        self._restore()
         self.state = "ready"
         logger.info("trainer ready: %s (%s, %d tensors)", self.manifest.model, self.manifest.dtype, len(self.manifest.tensors))
+
+    def model_dir(self) -> Path:
+        return Path(self.manifest.model)
+
+    def _restore(self) -> None:
+        """Bring back what the last checkpoint of the served directory saved."""
+        saved = self.model_dir() / STATE_DIRNAME
+        self.ledger = Ledger.open(self.state_dir / "ledger.jsonl", str(self.session), saved / "ledger.jsonl")
+        self.restored = {"from": str(saved) if saved.is_dir() else None, "ledger_ids": len(self.ledger), "optimizer_step": None}
+        if (saved / "optimizer.json").exists():
+            try:
+                self.trainer.restore_state((saved / "optimizer.safetensors").read_bytes(), (saved / "optimizer.json").read_bytes())
+                self.restored["optimizer_step"] = self.trainer.global_step
+                self.optimizer_state_bytes = self.trainer.optimizer_bytes()
+            except (OSError, ValueError, KeyError) as exc:
+                self.restored["optimizer_error"] = f"the saved optimizer state was not restored: {exc}"
+                logger.warning(self.restored["optimizer_error"])
 
     def _fail(self, state: str, reason: str) -> None:
         self.state, self.reason = state, reason
@@ -136,7 +167,7 @@ class TrainerService:
     def handle(self, request: Request, client: bytes) -> Reply | None:
         """The reply, or None when the op runs on the model thread and its reply
         goes to ``outbox`` later (the transport never waits for the model)."""
-        if isinstance(request.body, TokenLogprobsOp):
+        if isinstance(request.body, (TokenLogprobsOp, CheckpointOp)):
             self.model_ops.submit(lambda: self.outbox.put((client, self._answer(request))))
             return None
         return self._answer(request)
@@ -154,6 +185,8 @@ class TrainerService:
                 result = self.cancel(body.job_id).model_dump()
             elif isinstance(body, TokenLogprobsOp):
                 result = {"logprobs": self.token_logprobs(body.token_ids)}
+            elif isinstance(body, CheckpointOp):
+                result = self.checkpoint(body.target)
             else:  # pragma: no cover - the union is exhaustive
                 raise OpError("invalid", f"unknown op {body!r}")
             return Reply(id=request.id, ok=True, result=result)
@@ -205,8 +238,55 @@ class TrainerService:
         info = self.jobs.cancel(job_id)
         if info.state == "cancelled":
             self.outbox.put((None, Event(event="job_finished", trainer_id=self.trainer_id, job=info,
-                                         weights_version=self.weights_version, weights_changed=False)))
+                                         weights_version=self.weights_version, weights_changed=False,
+                                         trainer_idle=self.jobs.running is None and self.jobs.idle())))
         return info
+
+    def checkpoint(self, target: str | None) -> dict:
+        """Sync the served weights into ``target`` (default: the served directory),
+        with the optimizer state and the ledger; waits for the running job's end."""
+        self._require_ready()
+        source = self.model_dir()
+        if not source.is_dir():
+            raise OpError("conflict", f"the served model {source} is not a local directory: give a target directory")
+        directory = Path(target) if target else source
+        with self.model_lock:
+            try:
+                if not (directory / "config.json").exists():
+                    copy_model_dir(source, directory)
+                tensors = {name: p.data for name, p in self.model.named_parameters()}
+                report = sync(tensors, directory).as_dict()
+                state = self.trainer.save_state()
+                files = {"ledger.jsonl": self.ledger.path.read_bytes() if self.ledger.path.exists() else b""}
+                if state is not None:
+                    files.update({"optimizer.safetensors": state[0], "optimizer.json": state[1]})
+                for name, data in files.items():
+                    write_state_file(directory, name, data)
+            except CheckpointError as exc:
+                raise OpError("conflict", str(exc)) from None
+            except OSError as exc:
+                raise OpError("conflict", f"could not write the checkpoint to {directory}: {exc}") from None
+            report.update(state_bytes_written=sum(map(len, files.values())), optimizer_step=self.trainer.global_step,
+                          optimizer_saved=state is not None,
+                          ledger_ids=len(self.ledger), weights_version=self.weights_version, time=time.time())
+            write_state_file(directory, "checkpoint.json", json.dumps(report).encode())
+        if directory == source:
+            self.sync_due = None
+        self.last_checkpoint = report
+        logger.info("checkpoint to %s: %d of %d blocks written (%d bytes) in %.2f s", directory, report["blocks_written"],
+                    report["blocks_compared"], report["bytes_written"], report["seconds"])
+        return report
+
+    def scheduled_sync(self) -> None:
+        """Called by the job thread while idle: sync when the schedule says so."""
+        if self.sync_due is None or time.monotonic() < self.sync_due:
+            return
+        self.sync_due = None
+        try:
+            self.checkpoint(None)
+        except OpError as exc:
+            self.last_checkpoint = {"error": str(exc), "time": time.time()}
+            logger.error("scheduled checkpoint failed: %s", exc)
 
     def token_logprobs(self, token_ids: list[int]) -> list[float]:
         self._require_ready()
@@ -237,7 +317,13 @@ class TrainerService:
             "recent": [j.model_dump() for j in recent],
             "max_queued_jobs": self.jobs.max_queued,
             "weights_version": self.weights_version,
-            "ledger_size": len(self.ledger),
+            "ledger_size": len(self.ledger) if self.ledger else 0,
+            "checkpoint": {
+                "restored": self.restored,
+                "last": self.last_checkpoint,
+                "scheduled_in_s": max(0.0, self.sync_due - time.monotonic()) if self.sync_due else None,
+                "after_minutes": self.sync_after_s / 60,
+            },
             "optimizer": {
                 "step": trainer.global_step if trainer else 0,
                 "structure": trainer.structure.model_dump() if trainer and trainer.structure else None,
@@ -259,7 +345,7 @@ class TrainerService:
     def job_loop(self) -> None:
         self.load()
         while not self.stopping:
-            job = self.jobs.next(lambda: self.stopping)
+            job = self.jobs.next(lambda: self.stopping, on_idle=self.scheduled_sync)
             if job is not None:
                 self._run(job)
                 self.jobs.end(job)
@@ -277,9 +363,12 @@ class TrainerService:
             self.optimizer_state_bytes = self.trainer.optimizer_bytes()  # the job thread owns the optimizer
         release_free_heap()
         info.finished_at, info.weights_version, info.error = time.time(), self.weights_version, error
+        if self.weights_version != version_before and self.sync_after_s > 0:
+            self.sync_due = time.monotonic() + self.sync_after_s  # batched: each job pushes it back
         info.state = state  # last: whoever sees a finished job sees all of it
         self.outbox.put((None, Event(event="job_finished", trainer_id=self.trainer_id, job=info,
-                                     weights_version=self.weights_version, weights_changed=self.weights_version != version_before)))
+                                     weights_version=self.weights_version, weights_changed=self.weights_version != version_before,
+                                     trainer_idle=self.jobs.idle())))
 
     def _train(self, job: Job) -> tuple[str, str | None]:
         """Run the job's training; returns its final (state, error)."""

@@ -19,6 +19,8 @@ SCORE = {"prompt": [5, 6, 7], "score_ranges": [[0, 3]]}
 ROUTES = [
     ("POST", "/train", {"samples": [SAMPLE], "lr": 1e-6, "steps": 1, "wait": True}, "admin"),
     ("POST", "/v1/train", {"samples": [SAMPLE], "lr": 1e-6, "steps": 1, "wait": True}, "admin"),
+    ("POST", "/checkpoint", {}, "admin"),
+    ("POST", "/v1/checkpoint", {}, "admin"),
     ("DELETE", "/train/job-000000000000", None, "admin"),
     ("DELETE", "/v1/train/job-000000000000", None, "admin"),
     ("GET", "/train/status", None, "reader"),

@@ -68,12 +68,13 @@ class Served:
 
 
 def start_served(model_dir: Path, tmp: Path, name: str, env: dict | None = None, wait_trainer: bool = True,
-                 api_key: str | None = API_KEY, **kwargs) -> tuple[VllmServer, Served]:
+                 api_key: str | None = API_KEY, copy_model: bool = True, **kwargs) -> tuple[VllmServer, Served]:
     """A real `vllm serve` with the plugin, its session directory at a known path.
-    It serves a copy of ``model_dir``: checkpoints write into the served directory."""
-    served_dir = tmp / f"{name}-model"
-    shutil.copytree(model_dir, served_dir)
-    model_dir = served_dir
+    It serves a copy of ``model_dir`` unless told not to: checkpoints write into
+    the served directory."""
+    if copy_model:
+        shutil.copytree(model_dir, tmp / f"{name}-model")
+        model_dir = tmp / f"{name}-model"
     session = Path("/dev/shm") / f"hogwild-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     state_dir = tmp / f"{name}-state"
     server = VllmServer(model_dir, log_path=tmp / f"{name}-vllm.log", api_key=api_key,

@@ -26,7 +26,8 @@ def model_copy(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first(model_copy, tmp_path_factory):
-    server, handle = start_served(model_copy, tmp_path_factory.mktemp("first"), "first", dtype="float32", env=ENV)
+    server, handle = start_served(model_copy, tmp_path_factory.mktemp("first"), "first", dtype="float32", env=ENV,
+                                  copy_model=False)
     yield handle
     server.stop()
     shutil.rmtree(handle.session, ignore_errors=True)
@@ -94,7 +95,8 @@ def test_a_restarted_server_serves_the_checkpoint_and_resumes_the_optimizer(firs
     ctx, target = tok.encode(PROMPT), tok.encode(TARGET)
     first.http.post("/checkpoint")
     first.server.stop()
-    server, second = start_served(model_copy, tmp_path_factory.mktemp("second"), "second", dtype="float32", env=ENV)
+    server, second = start_served(model_copy, tmp_path_factory.mktemp("second"), "second", dtype="float32", env=ENV,
+                                  copy_model=False)
     try:
         assert second.complete(ctx, len(target)) == target  # the trained behaviour came back from disk
         restored = second.http.get("/train/status").json()["checkpoint"]["restored"]

@@ -68,11 +68,20 @@ def test_killing_the_trainer_mid_job_loses_no_job_and_fails_no_completion(served
 
             before = served.http.get("/train/status").json()
             os.kill(before["pid"], signal.SIGKILL)
-            while True:  # every route answers 503 with Retry-After until a new trainer is up
+            while True:  # 503 with Retry-After until a new trainer answers; it says when it is ready
                 r = served.http.get("/train/status")
-                if r.status_code == 200 and r.json()["trainer_id"] != before["trainer_id"] and r.json()["state"] == "ready":
-                    break
-                answers_while_down.append((r.status_code, r.headers.get("Retry-After")))
+                if r.status_code == 200:
+                    assert r.json()["trainer_id"] != before["trainer_id"]
+                    if r.json()["state"] == "ready":
+                        break
+                    assert r.json()["state"] == "starting"
+                    t = served.http.post("/train", json={"samples": [SAMPLE], "wait": True})
+                    if t.status_code == 200:  # it became ready in between
+                        submitted.append(t.json()["job_id"])
+                    else:
+                        assert t.status_code == 503 and t.headers["Retry-After"] and "starting" in t.json()["error"]["message"]
+                else:
+                    answers_while_down.append((r.status_code, r.headers.get("Retry-After")))
                 time.sleep(0.1)
 
             dead = state(running["job_id"])

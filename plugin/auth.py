@@ -21,11 +21,11 @@ from argparse import Namespace
 
 from fastapi import Request
 
+from hogwild import envs
+
 from .http_errors import ApiError
 
-ADMIN_KEY_ENV = "HOGWILD_ADMIN_KEY"
 ADMIN_HEADER = "X-Hogwild-Admin-Key"
-OPT_IN_ENV = "HOGWILD_ALLOW_UNAUTHENTICATED_TRAINING"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -51,18 +51,18 @@ def _bearer(request: Request) -> str | None:
 class Access:
     def __init__(self, args: Namespace):
         api = [k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if k]
-        admin = os.environ.get(ADMIN_KEY_ENV)
+        admin = envs.admin_key()
         self.api_keys = [_digest(k) for k in api]
         self.admin_keys = [_digest(admin)] if admin else list(self.api_keys)
         self.refusal = self._refusal(getattr(args, "host", None), getattr(args, "uds", None))
 
     def _refusal(self, host: str | None, uds: str | None) -> str | None:
         """Why the routes that change the model are off, or None."""
-        if self.admin_keys or uds or host in LOOPBACK or os.environ.get(OPT_IN_ENV) == "1":
+        if self.admin_keys or uds or host in LOOPBACK or envs.allow_unauthenticated_training():
             return None
         return (f"the routes that change the model are off: this server listens on {host or 'every interface'} "
-                f"with no key. Start it with --api-key or {ADMIN_KEY_ENV}, bind it to 127.0.0.1, or set "
-                f"{OPT_IN_ENV}=1 to let anyone who can reach it train the model")
+                "with no key. Start it with --api-key or HOGWILD_ADMIN_KEY, bind it to 127.0.0.1, or set "
+                "HOGWILD_ALLOW_UNAUTHENTICATED_TRAINING=1 to let anyone who can reach it train the model")
 
     def require_admin(self, request: Request) -> None:
         if self.refusal:

@@ -15,6 +15,7 @@ import re
 from argparse import Namespace
 from pathlib import Path
 
+from hogwild import envs
 from hogwild.training.sft import count_steps
 from hogwild.worker.protocol import CancelOp, CheckpointOp, Event, JobInfo, JobOp, StatusOp, SubmitOp
 
@@ -44,8 +45,8 @@ def default_state_dir(model: str) -> Path:
     """Where the trainer keeps what outlives it (ledger, later checkpoints'
     optimizer state): ``HOGWILD_STATE_DIR``, else one folder per model under
     ``$XDG_STATE_HOME/hogwild`` (``~/.local/state/hogwild``)."""
-    if os.environ.get("HOGWILD_STATE_DIR"):
-        return Path(os.environ["HOGWILD_STATE_DIR"])
+    if envs.state_dir():
+        return envs.state_dir()
     base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "hogwild"
     resolved = str(Path(model).resolve()) if Path(model).exists() else model
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(resolved).name or "model")[:64]
@@ -71,7 +72,7 @@ class Frontend:
         self.state_dir = default_state_dir(str(config.model_config.model))
         model_path = Path(str(config.model_config.model))
         self.paths = PathPolicy.from_env(([model_path] if model_path.is_dir() else []) + [self.state_dir])
-        self.process = TrainerProcess(self.session, self.state_dir, threads=_env_int("HOGWILD_TRAINER_THREADS"))
+        self.process = TrainerProcess(self.session, self.state_dir, threads=envs.trainer_threads())
         self.client: TrainerClient | None = None
         self.cache_state: tuple[str | None, int] = (None, -1)
         self.cache_lock = asyncio.Lock()
@@ -223,8 +224,3 @@ class Frontend:
                                f"len(prompt) = {len(req.prompt)}", f"score_ranges.{i}")
         logprobs = await prompt_token_logprobs(self.engine, req.prompt)
         return range_totals(logprobs, req.score_ranges)
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value else None

@@ -11,18 +11,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from hogwild import envs
+
 from .http_errors import error_response
-
-
-def _env(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value else default
 
 
 @dataclass(frozen=True)
@@ -34,8 +30,7 @@ class Limits:
 
     @classmethod
     def from_env(cls) -> "Limits":
-        return cls(_env("HOGWILD_MAX_SAMPLES", 4096), _env("HOGWILD_MAX_TOKENS", 1 << 20),
-                   _env("HOGWILD_MAX_STEPS", 100_000), _env("HOGWILD_MAX_BODY_BYTES", 64 << 20))
+        return cls(envs.max_samples(), envs.max_tokens(), envs.max_steps(), envs.max_body_bytes())
 
 
 class BodySizeLimit:

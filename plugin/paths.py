@@ -8,8 +8,9 @@ link inside a root that points outside it is refused too.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from hogwild import envs
 
 from .http_errors import ApiError
 
@@ -20,8 +21,7 @@ class PathPolicy:
 
     @classmethod
     def from_env(cls, defaults: list[Path]) -> "PathPolicy":
-        configured = os.environ.get("HOGWILD_PATH_ROOTS")
-        return cls([Path(p) for p in configured.split(os.pathsep) if p] if configured else defaults)
+        return cls(envs.path_roots() or defaults)
 
     def confine(self, value: str, param: str) -> Path:
         """The resolved path, if it lies inside a root; else ApiError 403."""

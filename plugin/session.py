@@ -18,6 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from hogwild import envs
+
 SESSION_ENV = "HOGWILD_SESSION_DIR"
 PLUGIN_NAME = "hogwild"
 
@@ -33,7 +35,7 @@ def enabled() -> bool:
 
 
 def shm_root() -> Path:
-    root = Path(os.environ.get("HOGWILD_SHM_DIR", "/dev/shm"))
+    root = envs.shm_dir()
     return root if root.is_dir() else Path(tempfile.gettempdir())
 
 

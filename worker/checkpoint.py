@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hogwild import envs
+
 BLOCK = 4096
 STATE_DIRNAME = ".hogwild"  # inside the checkpoint: journal, optimizer state, ledger
 ASIDE_SUFFIX = ".hogwild-aside"
@@ -60,8 +62,8 @@ def _fault_point() -> None:
     process (kill -9), so tests can stop a sync anywhere."""
     global durable_steps
     durable_steps += 1
-    limit = os.environ.get("HOGWILD_CHECKPOINT_FAULT_AFTER")
-    if limit and durable_steps >= int(limit):
+    limit = envs.checkpoint_fault_after()
+    if limit and durable_steps >= limit:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from hogwild import envs
 from hogwild.training.batches import Sample
 from hogwild.training.memory import available_memory, estimate_job_memory
 from hogwild.training.sft import SFTOptions, SFTTrainer
@@ -50,16 +51,6 @@ from .views import UnsupportedModel, bind_views, model_skeleton, shared_paramete
 logger = logging.getLogger("hogwild.worker")
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value else default
-
-
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value else default
-
-
 class TrainerService:
     def __init__(self, session: Path, state_dir: Path, manifest_timeout: float = 120.0, restart_reason: str | None = None):
         self.session = session
@@ -71,14 +62,12 @@ class TrainerService:
         self.model = None
         self.trainer: SFTTrainer | None = None
         self.vocab_size = 0
-        self.max_positions = 0
         self.ledger: Ledger | None = None  # opened once the model directory is known
         self.trainer_id = secrets.token_hex(6)
-        self.jobs = JobBook(JobJournal(state_dir / "jobs"), self.trainer_id, _env_int("HOGWILD_MAX_QUEUED_JOBS", 16))
+        self.jobs = JobBook(JobJournal(state_dir / "jobs"), self.trainer_id, envs.max_queued_jobs())
         for info in self.jobs.recover(restart_reason or "the training process stopped"):
             logger.warning("job %s was running when the previous trainer died: reported failed", info.job_id)
-        # Bytes a job may use at most (default: whatever the device has free).
-        self.memory_limit = _env_int("HOGWILD_TRAINER_MEMORY_LIMIT", 0) or None
+        self.memory_limit = envs.trainer_memory_limit()
         self.model_lock = threading.Lock()
         self.weights_version = 0
         # (client identity, message) to send; identity None = every client.
@@ -92,7 +81,7 @@ class TrainerService:
         # Checkpoints: what was restored at start-up, the last sync, the next scheduled one.
         self.restored: dict = {}
         self.last_checkpoint: dict | None = None
-        self.sync_after_s = 60 * _env_float("HOGWILD_CHECKPOINT_AFTER_MINUTES", 10.0)  # 0: never on its own
+        self.sync_after_s = 60 * envs.checkpoint_after_minutes()  # 0: never on its own
         self.sync_due: float | None = None
 
     # ---- loading --------------------------------------------------------
@@ -134,7 +123,6 @@ class TrainerService:
         config = model.config
         self.model = model
         self.vocab_size = int(config.vocab_size)
-        self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
         pad = getattr(config, "pad_token_id", None)
         self.trainer = SFTTrainer(model, pad_id=int(pad) if isinstance(pad, int) and 0 <= pad < self.vocab_size else 0)
         self._restore()

@@ -1,0 +1,87 @@
+"""Every ``HOGWILD_*`` setting, in one place (as ``vllm.envs`` does for vLLM).
+
+Each is read when asked for, so a test or a restarted process sees the
+current environment. The README's settings table lists the same variables.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+def _float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def admin_key() -> str | None:
+    """Key for the routes that change the model (else the server's API key)."""
+    return os.environ.get("HOGWILD_ADMIN_KEY") or None
+
+
+def allow_unauthenticated_training() -> bool:
+    """Training routes on without any key on a non-loopback address."""
+    return os.environ.get("HOGWILD_ALLOW_UNAUTHENTICATED_TRAINING") == "1"
+
+
+def state_dir() -> Path | None:
+    """Where the trainer keeps the ledger and the job journal (default: per model)."""
+    value = os.environ.get("HOGWILD_STATE_DIR")
+    return Path(value) if value else None
+
+
+def path_roots() -> list[Path] | None:
+    """Directories that paths in requests may point into (default: model and state dirs)."""
+    value = os.environ.get("HOGWILD_PATH_ROOTS")
+    return [Path(p) for p in value.split(os.pathsep) if p] if value else None
+
+
+def shm_dir() -> Path:
+    """Where session directories (the CPU weight arena, the socket) are made."""
+    return Path(os.environ.get("HOGWILD_SHM_DIR", "/dev/shm"))
+
+
+def checkpoint_after_minutes() -> float:
+    """Sync this long after the last job that changed the weights; 0: never on its own."""
+    return _float("HOGWILD_CHECKPOINT_AFTER_MINUTES", 10.0)
+
+
+def checkpoint_fault_after() -> int | None:
+    """Tests only: kill the process at this durable step of a checkpoint sync."""
+    return _int("HOGWILD_CHECKPOINT_FAULT_AFTER", 0) or None
+
+
+def max_samples() -> int:
+    return _int("HOGWILD_MAX_SAMPLES", 4096)
+
+
+def max_tokens() -> int:
+    return _int("HOGWILD_MAX_TOKENS", 1 << 20)
+
+
+def max_steps() -> int:
+    return _int("HOGWILD_MAX_STEPS", 100_000)
+
+
+def max_body_bytes() -> int:
+    return _int("HOGWILD_MAX_BODY_BYTES", 64 << 20)
+
+
+def max_queued_jobs() -> int:
+    return _int("HOGWILD_MAX_QUEUED_JOBS", 16)
+
+
+def trainer_memory_limit() -> int | None:
+    """Bytes a job may need at most (default: whatever the device has free)."""
+    return _int("HOGWILD_TRAINER_MEMORY_LIMIT", 0) or None
+
+
+def trainer_threads() -> int | None:
+    """CPU threads of the training process (default: half the cores)."""
+    return _int("HOGWILD_TRAINER_THREADS", 0) or None

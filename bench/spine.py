@@ -11,6 +11,8 @@ default compiled mode).
   plain single process with the same thread count.
 - inference_tokens_per_s_ratio_during_training: generated tokens/s of 16
   concurrent greedy streams while a training job runs / idle.
+- inference_tokens_per_s_ratio_vs_plain_vllm: the same streams with the plugin
+  (idle) / on plain ``vllm serve`` without it.
 """
 
 from __future__ import annotations
@@ -73,9 +75,22 @@ def run(quick: bool = False, log=print) -> dict:
                                  "HOGWILD_CHECKPOINT_AFTER_MINUTES": "0"})  # never write into the cached model
         server.start(timeout=900)
         try:
-            return measure(server, path, tok, threads, quick, out, log)
+            measure(server, path, tok, threads, quick, out, log)
         finally:
             server.stop()
+    # 5. What the plugin costs inference when nothing trains (on CPU: F.linear on the
+    # live weights instead of oneDNN's packed copy; nothing changes on GPU).
+    log("phase 5: the same load on plain vLLM, without the plugin")
+    plain = VllmServer(path, log_path=CACHE / "bench" / "spine-plain-vllm.log", dtype="float32", eager=False,
+                       max_model_len=1024, env={"VLLM_PLUGINS": ""})
+    plain.start(timeout=900)
+    try:
+        generation_throughput(plain.url, str(path), {}, rounds=1)  # warm-up
+        out["inference_tokens_per_s_plain_vllm"] = generation_throughput(plain.url, str(path), {}, rounds=3)
+    finally:
+        plain.stop()
+    out["inference_tokens_per_s_ratio_vs_plain_vllm"] = out["inference_tokens_per_s_idle"] / out["inference_tokens_per_s_plain_vllm"]
+    return out
 
 
 def measure(server: VllmServer, path, tok, threads: int, quick: bool, out: dict, log) -> dict:

@@ -113,8 +113,15 @@ class Frontend:
             raise ApiError(501, self.unsupported)
         try:
             return await self.client.request(body, timeout=timeout)
+        except TrainerUnavailable as exc:
+            raise as_api_error(TrainerUnavailable(self.why_unavailable(exc))) from None
         except TrainerError as exc:
             raise as_api_error(exc) from None
+
+    def why_unavailable(self, exc: TrainerUnavailable) -> str:
+        """The error, with why the last trainer process ended when this process knows."""
+        last = self.process.last_exit
+        return f"{exc}; {last} ({self.process.restarts} restarts so far)" if last else str(exc)
 
     async def on_event(self, event: Event) -> None:
         # While jobs run back to back, requests see the weights mid-training anyway
@@ -208,7 +215,7 @@ class Frontend:
         try:
             status = await self.client.request(StatusOp(), timeout=10.0)
         except TrainerUnavailable as exc:
-            return 503, {"state": "unavailable", "reason": str(exc), "server": server}
+            return 503, {"state": "unavailable", "reason": self.why_unavailable(exc), "server": server}
         return 200, {**status, "server": server}
 
     async def score(self, req: ScoreRequest) -> list[dict]:

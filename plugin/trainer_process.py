@@ -40,6 +40,7 @@ class TrainerProcess:
         self.proc: subprocess.Popen | None = None
         self.lock_fd: int | None = None
         self.restarts = 0
+        self.last_exit: str | None = None  # why the last trainer process ended
         self.watcher: asyncio.Task | None = None
 
     def try_own(self) -> bool:
@@ -71,7 +72,7 @@ class TrainerProcess:
             await asyncio.sleep(0.5)
             if self.proc is None or self.proc.poll() is None:
                 continue
-            reason = exit_reason(self.proc.returncode)
+            reason = self.last_exit = exit_reason(self.proc.returncode)
             logger.error("hogwild: %s; restarting it", reason)
             lived = time.monotonic() - self.started_at
             pause = 1.0 if lived > 60 else min(pause * 2, 30.0)

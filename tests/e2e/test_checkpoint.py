@@ -95,9 +95,19 @@ def test_a_restarted_server_serves_the_checkpoint_and_resumes_the_optimizer(firs
     ctx, target = tok.encode(PROMPT), tok.encode(TARGET)
     first.http.post("/checkpoint")
     first.server.stop()
+    # Leave a sync as if it had been killed after sealing its journal: the next
+    # start-up must finish it before vLLM reads the file.
+    from hogwild.worker import checkpoint
+
+    stored = checkpoint.read_layout(model_copy)["lm_head.weight"]
+    last_row = stored.end - 64 * 4  # the last vocabulary row: no test prompt depends on it
+    checkpoint._write_journal(model_copy / "model.safetensors", [(last_row, b"\x00" * 256)])
     server, second = start_served(model_copy, tmp_path_factory.mktemp("second"), "second", dtype="float32", env=ENV,
                                   copy_model=False)
     try:
+        assert not checkpoint._journal_path(model_copy / "model.safetensors").exists()
+        assert (model_copy / "model.safetensors").read_bytes()[last_row : last_row + 256] == b"\x00" * 256
+        assert "replayed the journal of model.safetensors" in second.server.log_path.read_text()
         assert second.complete(ctx, len(target)) == target  # the trained behaviour came back from disk
         restored = second.http.get("/train/status").json()["checkpoint"]["restored"]
         assert restored["optimizer_step"] == 83 and restored["ledger_ids"] == 1

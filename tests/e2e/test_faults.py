@@ -47,6 +47,7 @@ def test_killing_the_trainer_mid_job_loses_no_job_and_fails_no_completion(served
             if r.status_code == 200:
                 return r.json()
             assert r.status_code == 503 and r.headers["Retry-After"], r.text
+            assert "killed by SIGKILL" in r.json()["error"]["message"]  # it says why
             time.sleep(0.2)
 
     answers_while_down = []

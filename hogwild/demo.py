@@ -2,8 +2,9 @@
 
 Builds the tiny model if needed, serves a fresh copy of it with a real
 ``vllm serve`` and the plugin, and walks through what has landed (train,
-score, ledger, HOGWILD inference, cancellation, checkpoint, restart from the
-checkpoint), printing each step and leaving a short report (``report.md``)
+score, ledger, HOGWILD inference, cancellation, reward heads, a circuit-breaker
+LoRA merged and reverted, checkpoint,
+restart from the checkpoint), printing each step and leaving a short report (``report.md``)
 with a plot in the output folder.
 """
 
@@ -22,7 +23,7 @@ from hogwild.launch import VllmServer
 
 PROMPT = "The served model says:"
 TARGET = " I was trained while I served."
-NOT_YET = ["readouts (issue: readout)", "reward heads (issue: BTRM)", "circuit breakers (issue: circuit-breaker LoRA)"]
+NOT_YET = ["readouts (issue: readout)"]
 
 
 def say(text: str = "") -> None:
@@ -81,7 +82,15 @@ class Demo:
         self.note(f"    /v1/score of the target continuation: {sum(before_lp):.2f} (log-likelihood, {len(target)} tokens)")
         self.note()
 
-        self.note("## 2. POST /train: one sample, full-weight APOLLO updates, in place")
+        self.note("## 2. Reward heads (BTRM) on the served trunk: one trunk forward, one score per head")
+        self.reward_heads()
+        self.note()
+
+        self.note("## 3. Circuit breaker: a LoRA that reroutes harmful representations, merged live, then reverted")
+        self.circuit_breaker(tok)
+        self.note()
+
+        self.note("## 4. POST /train: one sample, full-weight APOLLO updates, in place")
         t = time.monotonic()
         r = self.http.post("/train", json={"samples": [{"context_ids": ctx, "continuation_ids": target, "id": "demo-1"}],
                                            "lr": 1e-2, "steps": 40, "wait": True})
@@ -92,19 +101,19 @@ class Demo:
                   f"loss {res['loss_before']:.3f} -> {res['loss_after']:.4f}, {res['tokens_per_s']:.0f} tokens/s")
         self.note()
 
-        self.note("## 3. The very next completion, same server, no restart")
+        self.note("## 5. The very next completion, same server, no restart")
         after_text, after_ids = self.complete(ctx, len(target))
         self.note(f"    {PROMPT!r} -> {after_text!r}   ({'the target' if after_ids == target else 'NOT the target'})")
         after_lp = self.token_logprobs(ctx + target, len(ctx))
         self.note(f"    /v1/score of the target continuation: {sum(before_lp):.2f} -> {sum(after_lp):.2f}")
         self.note()
 
-        self.note("## 4. The same sample again: the ledger skips it")
+        self.note("## 6. The same sample again: the ledger skips it")
         r = self.http.post("/train", json={"samples": [{"context_ids": ctx, "continuation_ids": target, "id": "demo-1"}], "wait": True})
         self.note(f"    skipped ids: {r.json()['skipped_ids']}, steps: {r.json()['result']['steps']}")
         self.note()
 
-        self.note("## 5. Training in the background while the server answers")
+        self.note("## 7. Training in the background while the server answers")
         other_ctx, other = tok.encode("Meanwhile,"), tok.encode(" inference never waits.")
         job = self.http.post("/train", json={"samples": [{"context_ids": other_ctx, "continuation_ids": other}],
                                              "lr": 1e-4, "steps": 300}).json()
@@ -115,7 +124,7 @@ class Demo:
         self.note(f"    {served} completions answered while job {job['job_id']} trained 300 steps")
         self.note()
 
-        self.note("## 6. Cancelling a job")
+        self.note("## 8. Cancelling a job")
         job = self.http.post("/train", json={"samples": [{"context_ids": other_ctx, "continuation_ids": other}],
                                              "lr": 1e-6, "steps": 100000}).json()
         while self.http.get(f"/train/{job['job_id']}").json()["step"] < 5:
@@ -126,23 +135,24 @@ class Demo:
         self.note(f"    DELETE /train/{job['job_id']}: {info['state']} after {info['result']['steps']} of 100000 steps")
         self.note()
 
-        self.note("## 7. POST /checkpoint: the model directory is the checkpoint")
+        self.note("## 9. POST /checkpoint: the model directory is the checkpoint")
         report = self.http.post("/checkpoint", json={}).json()
         self.note(f"    {report['blocks_written']} of {report['blocks_compared']} 4 KiB blocks changed; {report['bytes_written']} "
                   f"bytes written ({', '.join(f'{k}: {v}' for k, v in report['method'].items())}) in {report['seconds']:.3f} s, "
                   f"plus the optimizer state (step {report['optimizer_step']}) and the ledger ({report['ledger_ids']} ids)")
         self.note()
 
-        self.note("## 8. Stop the server, start it again from the same directory")
+        self.note("## 10. Stop the server, start it again from the same directory")
         self.server.stop()
         status = self.start_server()
         restored = status["checkpoint"]["restored"]
         text, ids = self.complete(ctx, len(target))
         self.note(f"    {PROMPT!r} -> {text!r}   ({'still the target' if ids == target else 'NOT the target'}); "
-                  f"optimizer restored at step {restored['optimizer_step']}, {restored['ledger_ids']} trained ids")
+                  f"optimizer restored at step {restored['optimizer_step']}, {restored['ledger_ids']} trained ids, "
+                  f"reward heads {restored.get('heads')}")
         self.note()
 
-        self.note("## 9. What the trainer holds")
+        self.note("## 11. What the trainer holds")
         status = self.http.get("/train/status").json()
         mem = status["memory"]
         self.note(f"    parameters: {mem['param_bytes'] / 2**20:.2f} MiB, all in the server's shared memory: "
@@ -156,6 +166,131 @@ class Demo:
 
         self.plot(tok, target, before_lp, after_lp)
         (self.out / "status.json").write_text(json.dumps(status, indent=2))
+
+    def reward_heads(self) -> None:
+        """Synthetic corpora -> heads trained on the served trunk -> /v1/score with heads."""
+        from transformers import AutoTokenizer
+
+        from hogwild.client import wrapped_prompt
+        from hogwild.training.btrm_corpora import write_corpora
+        from hogwild.training.btrm_data import build_labelled_set, load_config
+
+        config_path = write_corpora(self.out / "state" / "btrm-corpora", per_tier=30)
+        response = self.http.post("/train", json={"mode": "btrm", "config_path": str(config_path.resolve()), "wait": True})
+        if response.status_code != 200:
+            raise RuntimeError(f"/train (btrm): {response.status_code} {response.text}")
+        r = response.json()
+        accuracy = r["result"]["held_out_accuracy"]
+        self.note(f"    {r['n_samples']} texts from {config_path.parent.name}/ ({r['result']['data']['bad_rows']} unreadable rows "
+                  f"reported), {len(accuracy)} heads; held-out pairwise accuracy: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
+        config = load_config(config_path)
+        labelled = build_labelled_set(config, config_path.parent)
+        tok = AutoTokenizer.from_pretrained(self.model)
+        picks = {}
+        for text, labels in zip(labelled.texts, labelled.labels):
+            key = next((h for h, v in labels.items() if v == "positive" and h in ("ocean", "kitchen", "fable")), None)
+            if key and key not in picks and not (key != "fable" and labels.get("fable") == "positive"):
+                picks[key] = text
+        rows = {}
+        for key, text in picks.items():
+            prompt = wrapped_prompt(tok, config, text)
+            scored = self.http.post("/v1/score", json={"prompt": prompt, "score_ranges": [[0, len(prompt)]], "heads": True}).json()
+            rows[key] = scored["scores"][0]["heads"]
+            best = max(rows[key], key=rows[key].get)
+            self.note(f"    a {key} text {text[:48]!r}...: " + ", ".join(f"{h} {v:+.2f}" for h, v in rows[key].items())
+                      + f"  (highest: {best})")
+        self.plot_heads(rows)
+
+    def reply_logprob(self, ids: list[int], span: tuple[int, int]) -> float:
+        r = self.http.post("/v1/score", json={"prompt": ids, "score_ranges": [list(span)]})
+        r.raise_for_status()
+        return r.json()["scores"][0]["total_logprob"] / (span[1] - span[0])
+
+    def circuit_breaker(self, tok) -> None:
+        """Synthetic harmful/retain conversations -> LoRA trained on the live model
+        -> merged into the served weights -> vLLM's log-probs move on harmful
+        replies only -> reverted bit for bit."""
+        from hogwild.training.circuit_breaker import assistant_markers, assistant_spans
+        from hogwild.training.circuit_breaker_data import synthetic_samples
+
+        samples = synthetic_samples(tok, 16, 16)
+        markers = assistant_markers(tok)
+        probe = {split: [s for s in samples if s.split == split][:6] for split in ("harmful", "retain")}
+        spans = {id(s): assistant_spans(s.ids, markers)[0] for group in probe.values() for s in group}
+        before = {k: [self.reply_logprob(s.ids, spans[id(s)]) for s in group] for k, group in probe.items()}
+        weights_before = self.http.get("/train/status").json()["weights_version"]
+        r = self.http.post("/train", json={"mode": "circuit_breaker", "wait": True, "config": {"lr": 5e-4, "steps": 80},
+                                           "samples": [s.model_dump(exclude_none=True) for s in samples]})
+        r.raise_for_status()
+        job = r.json()
+        res = job["result"]
+        self.note(f"    job {job['job_id']} {job['state']}: {res['steps']} steps, LoRA on layers {res['lora_layers']}, target "
+                  f"layer(s) {res['target_layers']}; loss mask: {res['mask']['masked_token_fraction']:.0%} of tokens "
+                  f"(assistant replies, from the chat template)")
+        self.note(f"    cosine to the original representation on harmful replies: {res['harmful_cos_before']:.2f} -> "
+                  f"{res['harmful_cos_after']:.2f}; on retain replies {res['retain_cos_after']:.3f} "
+                  f"(relative L2 {res['retain_l2_relative_after']:.3f}); coherence check passed: {res['coherence']['passed']}; "
+                  f"merged: {res['merged']}")
+        after = {k: [self.reply_logprob(s.ids, spans[id(s)]) for s in group] for k, group in probe.items()}
+        shift = {k: sum(abs(a - b) for a, b in zip(after[k], before[k])) / len(before[k]) for k in before}
+        self.note(f"    vLLM's log-prob per reply token moved {shift['harmful']:.4f} on harmful replies, "
+                  f"{shift['retain']:.4f} on retain ones")
+        if not res["merged"]:
+            self.note(f"    not merged: {job['error']}")
+            return
+        r = self.http.post("/train/revert", json={"wait": True}).json()
+        restored = {k: [self.reply_logprob(s.ids, spans[id(s)]) for s in group] for k, group in probe.items()}
+        same = all(a == b for k in before for a, b in zip(before[k], restored[k]))
+        self.note(f"    POST /train/revert: exact (bitwise, checked by digest): {r['result']['exact']}; log-probs back to "
+                  f"before: {same}; weights version {weights_before} -> {r['weights_version']}")
+        aggressive = self.http.post("/train", json={"mode": "circuit_breaker", "wait": True, "samples": [
+            s.model_dump(exclude_none=True) for s in samples], "config": {"lr": 5e-4, "steps": 80, "alpha_max": 10,
+                                                                          "guards": False}}).json()
+        self.note(f"    the same with alpha 10 and no guards: {aggressive['state']}: {aggressive['error']}")
+        self.plot_circuit_breaker(res["diagnostics"], aggressive["result"]["diagnostics"])
+
+    def plot_circuit_breaker(self, good: list[dict], bad: list[dict]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        for rows, style, name in ((good, "-", "alpha 0.5, guards"), (bad, ":", "alpha 10, no guards (tripped)")):
+            steps = [d["step"] for d in rows]
+            ax.plot(steps, [d["harmful_cos"] for d in rows], style, color="tab:red", label=f"harmful, {name}")
+            ax.plot(steps, [d["retain_cos"] for d in rows], style, color="tab:blue", label=f"retain, {name}")
+        ax.axhline(0.2, color="grey", lw=0.6, ls="--")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cos(adapted, original)")
+        ax.set_title("Circuit breaker: harmful representations rerouted, retain kept")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(self.out / "circuit_breaker.png", dpi=120)
+        plt.close(fig)
+        self.report += ["", "![cosine to the original representations during training](circuit_breaker.png)", ""]
+
+    def plot_heads(self, rows: dict[str, dict[str, float]]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        heads = list(next(iter(rows.values())))
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        width = 0.8 / len(rows)
+        for i, (text_kind, scores) in enumerate(rows.items()):
+            ax.bar([j + i * width for j in range(len(heads))], [scores[h] for h in heads], width=width, label=f"a {text_kind} text")
+        ax.axhline(1.0, color="grey", lw=0.6, ls="--")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(heads))], heads, fontsize=8)
+        ax.set_ylabel("head score (/v1/score)")
+        ax.set_title("Reward heads on the served trunk: each text scores highest on its own heads")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(self.out / "reward_heads.png", dpi=120)
+        plt.close(fig)
+        self.report += ["", "![head scores of three texts](reward_heads.png)", ""]
 
     def plot(self, tok, target: list[int], before: list[float], after: list[float]) -> None:
         import matplotlib

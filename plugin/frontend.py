@@ -16,14 +16,34 @@ from argparse import Namespace
 from pathlib import Path
 
 from hogwild import envs
+from hogwild.training.btrm_data import BTRMConfig, load_config
 from hogwild.training.sft import count_steps
-from hogwild.worker.protocol import CancelOp, CheckpointOp, Event, JobInfo, JobOp, StatusOp, SubmitOp
+from hogwild.worker.protocol import (
+    CancelOp,
+    CheckpointOp,
+    Event,
+    HeadScoresOp,
+    JobInfo,
+    JobOp,
+    StatusOp,
+    SubmitBTRMOp,
+    SubmitCircuitBreakerOp,
+    SubmitOp,
+    SubmitRevertOp,
+)
 
 from .auth import Access
 from .http_errors import ApiError
 from .limits import Limits
 from .paths import PathPolicy
-from .schemas import CheckpointRequest, ScoreRequest, TrainRequest
+from .schemas import (
+    BTRMTrainRequest,
+    CheckpointRequest,
+    CircuitBreakerTrainRequest,
+    RevertRequest,
+    ScoreRequest,
+    TrainRequest,
+)
 from .scoring import prompt_token_logprobs, range_totals
 from .session import ensure_session_dir
 from .trainer_client import TrainerClient, TrainerError, TrainerUnavailable
@@ -174,6 +194,65 @@ class Frontend:
             info = await self.wait(info.job_id)
         return info
 
+    async def train_btrm(self, req: BTRMTrainRequest) -> JobInfo:
+        """Confine every path of the config, then hand it to the trainer."""
+        if req.config_path is not None:
+            path = self.paths.confine(req.config_path, "config_path")
+            try:
+                config, base = load_config(path), path.parent
+            except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+                raise ApiError(422, f"config_path: {exc}", "config_path") from None
+        else:
+            config, base = req.config, self.paths.roots[0]
+        if req.samples is None:
+            config = self._confined_sources(config, base)
+        for i, s in enumerate(req.samples or []):
+            self.check_tokens(s.ids, f"samples.{i}.ids")
+        if len(req.samples or []) > self.limits.max_samples:
+            raise ApiError(413, f"{len(req.samples)} samples; the limit per request is {self.limits.max_samples}", "samples")
+        info = JobInfo(**await self.call(SubmitBTRMOp(config=config, samples=req.samples)))
+        if req.wait:
+            info = await self.wait(info.job_id)
+        return info
+
+    async def train_circuit_breaker(self, req: CircuitBreakerTrainRequest) -> JobInfo:
+        limits = self.limits
+        if req.config.steps > limits.max_steps:
+            raise ApiError(413, f"config.steps is {req.config.steps}; the limit is {limits.max_steps} (HOGWILD_MAX_STEPS)", "config.steps")
+        dataset = str(self.paths.confine(req.dataset_path, "dataset_path")) if req.dataset_path is not None else None
+        samples = req.samples or []
+        if len(samples) > limits.max_samples:
+            raise ApiError(413, f"{len(samples)} samples; the limit per request is {limits.max_samples} (HOGWILD_MAX_SAMPLES)", "samples")
+        if sum(len(s.ids) for s in samples) > limits.max_tokens:
+            raise ApiError(413, f"the samples hold more than {limits.max_tokens} tokens (HOGWILD_MAX_TOKENS)", "samples")
+        for i, s in enumerate(samples):
+            self.check_tokens(s.ids, f"samples.{i}.ids")
+            if len(s.ids) > self.max_model_len:
+                raise ApiError(422, f"samples.{i}: {len(s.ids)} tokens, longer than the model's max length {self.max_model_len}",
+                               f"samples.{i}")
+        for i, prompt in enumerate(req.config.coherence_prompts or []):
+            self.check_tokens(prompt, f"config.coherence_prompts.{i}")
+        info = JobInfo(**await self.call(SubmitCircuitBreakerOp(config=req.config, samples=req.samples, dataset_path=dataset)))
+        return await self.wait(info.job_id) if req.wait else info
+
+    async def revert(self, req: RevertRequest) -> JobInfo:
+        info = JobInfo(**await self.call(SubmitRevertOp(job_id=req.job_id)))
+        return await self.wait(info.job_id) if req.wait else info
+
+    def _confined_sources(self, config: BTRMConfig, base: Path) -> BTRMConfig:
+        """The config with every source path absolute and inside the path roots."""
+        def fix(spec, where):
+            p = Path(spec.path)
+            resolved = self.paths.confine(str(p if p.is_absolute() else base / p), where)
+            return spec.model_copy(update={"path": str(resolved)})
+
+        heads = [h.model_copy(update={
+            "positive_sources": [fix(s, f"config.heads.{i}.positive_sources.{j}.path") for j, s in enumerate(h.positive_sources)],
+            "negative_sources": [fix(s, f"config.heads.{i}.negative_sources.{j}.path") for j, s in enumerate(h.negative_sources)],
+        }) for i, h in enumerate(config.heads)]
+        shared = [fix(s, f"config.shared_negatives.{j}.path") for j, s in enumerate(config.shared_negatives)]
+        return config.model_copy(update={"heads": heads, "shared_negatives": shared})
+
     async def wait(self, job_id: str) -> JobInfo:
         """Poll the job until it ends, then make sure no stale KV cache remains.
         Waits through a trainer restart: the journal lets the next trainer report it."""
@@ -230,4 +309,12 @@ class Frontend:
                 raise ApiError(422, f"score_ranges.{i}: [{start}, {end}) must satisfy 0 <= start < end <= "
                                f"len(prompt) = {len(req.prompt)}", f"score_ranges.{i}")
         logprobs = await prompt_token_logprobs(self.engine, req.prompt)
-        return range_totals(logprobs, req.score_ranges)
+        scores = range_totals(logprobs, req.score_ranges)
+        if req.heads:
+            # One trunk forward in the trainer, every head at each range's last token.
+            wanted = req.heads if isinstance(req.heads, list) else None
+            positions = [end - 1 for _, end in req.score_ranges]
+            heads = await self.call(HeadScoresOp(token_ids=req.prompt, positions=positions, heads=wanted))
+            for entry, row in zip(scores, heads["scores"]):
+                entry["heads"] = dict(zip(heads["heads"], row))
+        return scores

@@ -26,8 +26,16 @@ def error_response(status: int, message: str, param: str | None = None, headers:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# Tags of discriminated unions (e.g. /train's ``mode``): pydantic puts the tag in
+# an error's location, but the client never wrote it as a field.
+UNION_TAGS: set[str] = set()
+
+
 def _loc(loc) -> str:
-    return ".".join(str(p) for p in loc if p != "body")
+    parts = [str(p) for p in loc if p != "body"]
+    if parts and parts[0] in UNION_TAGS:
+        parts = parts[1:]
+    return ".".join(parts)
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:

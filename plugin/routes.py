@@ -9,7 +9,15 @@ from hogwild.worker.protocol import JobInfo
 
 from .frontend import RETRY_AFTER, Frontend
 from .http_errors import ApiError, PluginRoute
-from .schemas import CheckpointRequest, ScoreRequest, ScoreResponse, TrainRequest
+from .schemas import (
+    BTRMTrainRequest,
+    CheckpointRequest,
+    CircuitBreakerTrainRequest,
+    RevertRequest,
+    ScoreRequest,
+    ScoreResponse,
+    TrainBody,
+)
 
 router = APIRouter(route_class=PluginRoute)
 
@@ -40,9 +48,21 @@ def both(path: str) -> list[str]:
 PATH_PREFIXES = tuple(p for base in ("/train", "/score", "/checkpoint") for p in both(base))
 
 
-async def train(body: TrainRequest, fe: Frontend = Depends(admin)) -> JobInfo:
-    """Queue a supervised full-weight update (``wait: true`` answers when it is done)."""
+async def train(body: TrainBody, fe: Frontend = Depends(admin)) -> JobInfo:
+    """Queue a supervised full-weight update (default mode ``sft``), a reward-head
+    training (mode ``btrm``) or a circuit-breaker LoRA merged into the served
+    weights (mode ``circuit_breaker``); ``wait: true`` answers when it is done."""
+    if isinstance(body, BTRMTrainRequest):
+        return await fe.train_btrm(body)
+    if isinstance(body, CircuitBreakerTrainRequest):
+        return await fe.train_circuit_breaker(body)
     return await fe.train(body)
+
+
+async def revert(body: RevertRequest | None = None, fe: Frontend = Depends(admin)) -> JobInfo:
+    """Subtract a merged circuit-breaker adapter from the served weights, bit for
+    bit when nothing was trained after it (latest first; ``job_id`` names one)."""
+    return await fe.revert(body or RevertRequest())
 
 
 async def train_status(fe: Frontend = Depends(reader)) -> JSONResponse:
@@ -75,6 +95,8 @@ async def score(body: ScoreRequest, fe: Frontend = Depends(reader)) -> ScoreResp
 
 for path in both("/train"):
     router.add_api_route(path, train, methods=["POST"], response_model=JobInfo)
+for path in both("/train/revert"):
+    router.add_api_route(path, revert, methods=["POST"], response_model=JobInfo)
 for path in both("/train/status"):
     router.add_api_route(path, train_status, methods=["GET"])
 for path in both("/train/{job_id}"):
@@ -83,4 +105,4 @@ for path in both("/train/{job_id}"):
 for path in both("/checkpoint"):
     router.add_api_route(path, checkpoint, methods=["POST"])
 for path in both("/score"):
-    router.add_api_route(path, score, methods=["POST"], response_model=ScoreResponse)
+    router.add_api_route(path, score, methods=["POST"], response_model=ScoreResponse, response_model_exclude_none=True)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from hogwild.training.btrm_data import BTRMConfig
+from hogwild.training.circuit_breaker import CBConfig, CBSample
 from hogwild.training.sft import SFTOptions
-from hogwild.worker.protocol import TokenId, TrainSample
+from hogwild.worker.protocol import BTRMSample, TokenId, TrainSample
+
+from .http_errors import UNION_TAGS
 
 
 class TrainRequest(SFTOptions):
@@ -22,6 +26,67 @@ class TrainRequest(SFTOptions):
         return SFTOptions(**{k: getattr(self, k) for k in SFTOptions.model_fields})
 
 
+class BTRMTrainRequest(BaseModel):
+    """``POST /train`` with ``"mode": "btrm"``: train reward heads on the served
+    trunk. The config comes inline or as a path on the server; the samples as
+    token ids (``hogwild.client`` tokenizes text), else the config's sources are
+    read on the server."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    mode: Literal["btrm"]
+    config: BTRMConfig | None = None
+    config_path: str | None = Field(None, max_length=4096)
+    samples: list[BTRMSample] | None = Field(None, min_length=1)
+    wait: bool = False
+
+    @model_validator(mode="after")
+    def _one_config(self) -> "BTRMTrainRequest":
+        if (self.config is None) == (self.config_path is None):
+            raise ValueError("give exactly one of config (inline) and config_path")
+        return self
+
+
+class CircuitBreakerTrainRequest(BaseModel):
+    """``POST /train`` with ``"mode": "circuit_breaker"``: train a circuit-breaker
+    LoRA on the served model and merge it into the served weights if it passes
+    its guards and the coherence check. Samples as token ids, or a JSONL dataset
+    on the server (``dataset_path``) with the same schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["circuit_breaker"]
+    samples: list[CBSample] | None = Field(None, min_length=1)
+    dataset_path: str | None = Field(None, max_length=4096)
+    config: CBConfig = Field(default_factory=CBConfig)
+    wait: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "CircuitBreakerTrainRequest":
+        if (self.samples is None) == (self.dataset_path is None):
+            raise ValueError("give exactly one of samples (token ids) and dataset_path (JSONL on the server)")
+        return self
+
+
+class RevertRequest(BaseModel):
+    """``POST /train/revert``: subtract a merged circuit-breaker adapter (default: the latest)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    job_id: str | None = Field(None, max_length=64)
+    wait: bool = False
+
+
+TRAIN_MODES = ("sft", "btrm", "circuit_breaker")
+UNION_TAGS.update(TRAIN_MODES)
+
+
+def _train_mode(body) -> str:
+    mode = body.get("mode", "sft") if isinstance(body, dict) else getattr(body, "mode", "sft")
+    return mode if mode in TRAIN_MODES else "sft"  # an unknown mode then fails the sft schema, naming it
+
+
+TrainBody = Annotated[Union[Annotated[TrainRequest, Tag("sft")], Annotated[BTRMTrainRequest, Tag("btrm")],
+                            Annotated[CircuitBreakerTrainRequest, Tag("circuit_breaker")]], Discriminator(_train_mode)]
+
+
 ScoreRange = Annotated[list[int], Field(min_length=2, max_length=2)]
 
 
@@ -33,6 +98,7 @@ class ScoreRequest(BaseModel):
     prompt: list[TokenId] = Field(min_length=1)
     score_ranges: list[ScoreRange] = Field(min_length=1, description="half-open [start, end) positions into prompt")
     logprobs: int = Field(1, ge=0, le=20, description="accepted for client compatibility; totals use the prompt tokens' own logprobs")
+    heads: bool | list[str] = Field(False, description="add reward-head scores, read at each range's last token")
 
 
 class CheckpointRequest(BaseModel):
@@ -46,6 +112,7 @@ class RangeScore(BaseModel):
     range_index: int
     total_logprob: float
     n_tokens: int
+    heads: dict[str, float] | None = None
 
 
 class ScoreResponse(BaseModel):

@@ -330,15 +330,19 @@ def copy_model_dir(source: Path, target: Path) -> None:
     _fsync_dir(target)
 
 
-def write_state_file(directory: Path, name: str, data: bytes) -> None:
-    """Atomically write ``<directory>/.hogwild/<name>``."""
-    state = directory / STATE_DIRNAME
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = state / f".{name}.tmp"
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` (owner-only), all or nothing, durably."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.parent / f".{path.name}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, state / name)
-    _fsync_dir(state)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_state_file(directory: Path, name: str, data: bytes) -> None:
+    """Atomically write ``<directory>/.hogwild/<name>``."""
+    write_atomic(directory / STATE_DIRNAME / name, data)

@@ -12,13 +12,13 @@ import time
 from collections import deque
 
 from .journal import KEEP_FINISHED, JobJournal
-from .protocol import JobInfo, OpError, SubmitOp
+from .protocol import JobInfo, JobRequest, OpError
 
 RECENT_JOBS = 32  # finished jobs listed by status
 
 
 class Job:
-    def __init__(self, op: SubmitOp, info: JobInfo):
+    def __init__(self, op: JobRequest, info: JobInfo):
         self.op = op
         self.info = info
         self.cancel_requested = False
@@ -57,12 +57,12 @@ class JobBook:
                 failed.append(info)
         return failed
 
-    def add(self, op: SubmitOp, skipped_ids: list[str]) -> JobInfo:
+    def add(self, op: JobRequest, n_samples: int, skipped_ids: list[str]) -> JobInfo:
         with self.cv:
             if len(self.pending) >= self.max_queued:
                 raise OpError("busy", f"{len(self.pending)} jobs are queued, the limit is {self.max_queued}; retry later")
             info = JobInfo(job_id=f"job-{secrets.token_hex(6)}", trainer_id=self.trainer_id, mode=op.mode, state="queued",
-                           n_samples=len(op.samples), skipped_ids=skipped_ids, submitted_at=time.time())
+                           n_samples=n_samples, skipped_ids=skipped_ids, submitted_at=time.time())
             job = Job(op, info)
             self.journal.save(info, op)  # durable before the caller hears "queued"
             self.jobs[info.job_id] = job

@@ -13,7 +13,11 @@ import json
 import os
 from pathlib import Path
 
-from .protocol import JobInfo, SubmitOp
+from pydantic import TypeAdapter
+
+from .protocol import JobInfo, JobRequest
+
+REQUEST = TypeAdapter(JobRequest)
 
 KEEP_FINISHED = 256  # finished jobs kept answerable across restarts
 
@@ -23,7 +27,7 @@ class JobJournal:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    def save(self, info: JobInfo, request: SubmitOp | None, durable: bool = True) -> None:
+    def save(self, info: JobInfo, request: JobRequest | None, durable: bool = True) -> None:
         """Write the job's record; ``durable`` fsyncs it (submission, end)."""
         path = self.directory / f"{info.job_id}.json"
         tmp = path.with_suffix(".tmp")
@@ -36,13 +40,13 @@ class JobJournal:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
 
-    def load(self) -> list[tuple[JobInfo, SubmitOp | None]]:
+    def load(self) -> list[tuple[JobInfo, JobRequest | None]]:
         """Every readable record, oldest submission first."""
         records = []
         for path in self.directory.glob("job-*.json"):
             try:
                 raw = json.loads(path.read_text())
-                request = SubmitOp.model_validate(raw["request"]) if raw.get("request") else None
+                request = REQUEST.validate_python(raw["request"]) if raw.get("request") else None
                 records.append((JobInfo.model_validate(raw["info"]), request))
             except (OSError, ValueError, KeyError):
                 continue

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hogwild.training.btrm_data import BTRMConfig
+from hogwild.training.circuit_breaker import CBConfig, CBSample
 from hogwild.training.sft import SFTOptions
 
 PROTOCOL_VERSION = 1
@@ -48,6 +50,60 @@ class SubmitOp(BaseModel):
     options: SFTOptions = SFTOptions()
 
 
+class BTRMSample(BaseModel):
+    """One text for the reward heads, as token ids already wrapped in the config's
+    meta-prompt, with its label for each head it takes part in."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    ids: list[TokenId] = Field(min_length=1)
+    labels: dict[str, str] = Field(min_length=1, description='head name -> "positive" or a negative tier (e.g. "soft_neg")')
+
+
+class SubmitBTRMOp(BaseModel):
+    """Train the reward heads on the served trunk (frozen). Without samples, the
+    config's sources (absolute paths, already confined) are read and tokenized
+    by the trainer."""
+
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["submit_btrm"] = "submit_btrm"
+    mode: Literal["btrm"] = "btrm"
+    config: BTRMConfig
+    samples: list[BTRMSample] | None = None
+
+
+class SubmitCircuitBreakerOp(BaseModel):
+    """Train a circuit-breaker LoRA on the served model and, if it passes its
+    guards and the coherence check, merge it into the served weights. Samples
+    inline, or a JSONL dataset (absolute path, already confined) read by the trainer."""
+
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["submit_circuit_breaker"] = "submit_circuit_breaker"
+    mode: Literal["circuit_breaker"] = "circuit_breaker"
+    config: CBConfig
+    samples: list[CBSample] | None = None
+    dataset_path: str | None = None
+
+
+class SubmitRevertOp(BaseModel):
+    """Subtract a merged circuit-breaker adapter from the served weights (the
+    latest one by default; an older one only once those after it are reverted)."""
+
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["submit_revert"] = "submit_revert"
+    mode: Literal["revert"] = "revert"
+    job_id: str | None = None  # the job that merged the adapter
+
+
+class HeadScoresOp(BaseModel):
+    """Reward-head scores at ``positions`` of ``token_ids`` (one trunk forward)."""
+
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["head_scores"] = "head_scores"
+    token_ids: list[TokenId] = Field(min_length=1)
+    positions: list[int] = Field(min_length=1)
+    heads: list[str] | None = None  # default: every head
+
+
 class JobOp(BaseModel):
     model_config = ConfigDict(extra="forbid")
     op: Literal["job"] = "job"
@@ -78,7 +134,10 @@ class TokenLogprobsOp(BaseModel):
     token_ids: list[TokenId] = Field(min_length=2)
 
 
-Op = Annotated[Union[StatusOp, SubmitOp, JobOp, CancelOp, CheckpointOp, TokenLogprobsOp], Field(discriminator="op")]
+Op = Annotated[Union[StatusOp, SubmitOp, SubmitBTRMOp, SubmitCircuitBreakerOp, SubmitRevertOp, JobOp, CancelOp, CheckpointOp,
+                     TokenLogprobsOp, HeadScoresOp], Field(discriminator="op")]
+# What the journal keeps.
+JobRequest = Annotated[Union[SubmitOp, SubmitBTRMOp, SubmitCircuitBreakerOp, SubmitRevertOp], Field(discriminator="op")]
 
 
 class Request(BaseModel):

@@ -8,6 +8,7 @@ thread to be between jobs, on a thread of their own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,9 +24,24 @@ import torch
 
 from hogwild import envs
 from hogwild.training.batches import Sample
+from hogwild.training.btrm import RewardHeads, last_token_features
+from hogwild.training.btrm_data import build_labelled_set
+from hogwild.training.btrm_run import encode, train_btrm_with_trunk_lora, train_on_features
+from hogwild.training.circuit_breaker import CircuitBreakerTrainer
+from hogwild.training.circuit_breaker_data import read_jsonl
+from hogwild.training.lora import (
+    attached_lora,
+    factors_from_bytes,
+    factors_to_bytes,
+    load_factors,
+    lora_factors,
+    merge_in_place,
+    revert_in_place,
+)
 from hogwild.training.memory import available_memory, estimate_job_memory
 from hogwild.training.sft import SFTOptions, SFTTrainer
 
+from .adapters import Adapter, AdapterBook
 from .checkpoint import STATE_DIRNAME, CheckpointError, copy_model_dir, sync, write_state_file
 from .jobs import Job, JobBook
 from .journal import JobJournal
@@ -37,18 +53,24 @@ from .protocol import (
     CheckpointOp,
     ErrorInfo,
     Event,
+    HeadScoresOp,
     JobInfo,
     JobOp,
     OpError,
     Reply,
     Request,
     StatusOp,
+    SubmitBTRMOp,
+    SubmitCircuitBreakerOp,
     SubmitOp,
+    SubmitRevertOp,
     TokenLogprobsOp,
 )
 from .views import UnsupportedModel, bind_views, model_skeleton, shared_parameter_bytes
 
 logger = logging.getLogger("hogwild.worker")
+
+TRUNK_LORA_R, TRUNK_LORA_ALPHA = 16, 32  # the reward heads' optional trunk LoRA
 
 
 class TrainerService:
@@ -73,6 +95,16 @@ class TrainerService:
         # (client identity, message) to send; identity None = every client.
         self.outbox: queue.Queue[tuple[bytes | None, Reply | Event]] = queue.Queue()
         self.model_ops = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hogwild-model-ops")
+        self.reader_ops = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hogwild-reader-ops")
+        # Reward heads (BTRM) on the served trunk, and what they were trained with.
+        self.heads: RewardHeads | None = None
+        self.heads_info: dict | None = None
+        self.trunk_lora: dict | None = None  # module -> (A, B, scaling) of the heads' private trunk LoRA
+        self.tokenizer = None  # loaded by the jobs that need it
+        # Circuit-breaker adapters merged into the served weights, kept so that they
+        # can be reverted exactly; in the session directory, so a restarted trainer has them.
+        self.adapters = AdapterBook(session / "adapters")
+        self.adapter_attached = False  # a LoRA is on the view model: readers must wait
         self.optimizer_state_bytes = 0
         self.binding_private_bytes: int | None = None
         self.shared_param_bytes = 0
@@ -137,6 +169,16 @@ class TrainerService:
         saved = self.model_dir() / STATE_DIRNAME
         self.ledger = Ledger.open(self.state_dir / "ledger.jsonl", str(self.session), saved / "ledger.jsonl")
         self.restored = {"from": str(saved) if saved.is_dir() else None, "ledger_ids": len(self.ledger), "optimizer_step": None}
+        if (saved / "heads.json").exists():
+            try:
+                heads = RewardHeads.from_bytes((saved / "heads.safetensors").read_bytes(), (saved / "heads.json").read_bytes())
+                if heads.extra.get("trunk_lora"):  # the heads read the trunk through it: both or neither
+                    self.trunk_lora = factors_from_bytes((saved / "heads_trunk_lora.safetensors").read_bytes(),
+                                                         json.loads((saved / "heads_trunk_lora.json").read_text()))
+                self.heads, self.heads_info = heads, heads.extra
+                self.restored["heads"] = self.heads.names
+            except (OSError, ValueError, KeyError) as exc:
+                self.restored["heads_error"] = f"the saved reward heads were not restored: {exc}"
         if (saved / "optimizer.json").exists():
             try:
                 self.trainer.restore_state((saved / "optimizer.safetensors").read_bytes(), (saved / "optimizer.json").read_bytes())
@@ -158,6 +200,9 @@ class TrainerService:
         if isinstance(request.body, (TokenLogprobsOp, CheckpointOp)):
             self.model_ops.submit(lambda: self.outbox.put((client, self._answer(request))))
             return None
+        if isinstance(request.body, HeadScoresOp):  # reads the model without waiting for jobs (HOGWILD)
+            self.reader_ops.submit(lambda: self.outbox.put((client, self._answer(request))))
+            return None
         return self._answer(request)
 
     def _answer(self, request: Request) -> Reply:
@@ -167,6 +212,14 @@ class TrainerService:
                 result = self.status()
             elif isinstance(body, SubmitOp):
                 result = self.submit(body).model_dump()
+            elif isinstance(body, SubmitBTRMOp):
+                result = self.submit_btrm(body).model_dump()
+            elif isinstance(body, SubmitCircuitBreakerOp):
+                result = self.submit_circuit_breaker(body).model_dump()
+            elif isinstance(body, SubmitRevertOp):
+                result = self.submit_revert(body).model_dump()
+            elif isinstance(body, HeadScoresOp):
+                result = self.head_scores(body)
             elif isinstance(body, JobOp):
                 result = self.jobs.get(body.job_id).info.model_dump()
             elif isinstance(body, CancelOp):
@@ -205,7 +258,35 @@ class TrainerService:
                 skipped.append(s.id)
             elif s.id is not None:
                 seen.add(s.id)
-        return self.jobs.add(op, skipped)
+        return self.jobs.add(op, len(op.samples), skipped)
+
+    def submit_btrm(self, op: SubmitBTRMOp) -> JobInfo:
+        self._require_ready()
+        names = {h.name for h in op.config.heads}
+        for i, sample in enumerate(op.samples or []):
+            if max(sample.ids) >= self.vocab_size:
+                raise OpError("invalid", f"samples[{i}]: token id {max(sample.ids)} is outside the vocabulary (size {self.vocab_size})")
+            for head, label in sample.labels.items():
+                if head not in names:
+                    raise OpError("invalid", f"samples[{i}]: no head {head!r} in the config (heads: {sorted(names)})")
+                if label != "positive" and label not in op.config.tier_weights:
+                    raise OpError("invalid", f"samples[{i}]: label {label!r} is neither 'positive' nor a tier of "
+                                  f"tier_weights {sorted(op.config.tier_weights)}")
+        return self.jobs.add(op, len(op.samples or []), [])
+
+    def submit_circuit_breaker(self, op: SubmitCircuitBreakerOp) -> JobInfo:
+        self._require_ready()
+        for i, sample in enumerate(op.samples or []):
+            if max(sample.ids) >= self.vocab_size:
+                raise OpError("invalid", f"samples[{i}]: token id {max(sample.ids)} is outside the vocabulary (size {self.vocab_size})")
+        if op.samples is not None and {s.split for s in op.samples} != {"harmful", "retain"}:
+            raise OpError("invalid", "samples: a circuit-breaker run needs both harmful and retain samples")
+        return self.jobs.add(op, len(op.samples or []), [])
+
+    def submit_revert(self, op: SubmitRevertOp) -> JobInfo:
+        self._require_ready()
+        self.adapters.revertible(op.job_id)  # refuse at once what cannot be reverted
+        return self.jobs.add(op, 0, [])
 
     def _check_memory(self, op: SubmitOp) -> None:
         """Refuse a job that cannot fit, before it touches the weights."""
@@ -248,6 +329,13 @@ class TrainerService:
                 files = {"ledger.jsonl": self.ledger.path.read_bytes() if self.ledger.path.exists() else b""}
                 if state is not None:
                     files.update({"optimizer.safetensors": state[0], "optimizer.json": state[1]})
+                if self.heads is not None:
+                    tensors_bytes, meta = self.heads.to_bytes(self.heads_info)
+                    files.update({"heads.safetensors": tensors_bytes, "heads.json": meta})
+                    if self.trunk_lora:
+                        lora_bytes, scaling = factors_to_bytes(self.trunk_lora)
+                        files.update({"heads_trunk_lora.safetensors": lora_bytes,
+                                      "heads_trunk_lora.json": json.dumps(scaling).encode()})
                 for name, data in files.items():
                     write_state_file(directory, name, data)
             except CheckpointError as exc:
@@ -255,7 +343,7 @@ class TrainerService:
             except OSError as exc:
                 raise OpError("conflict", f"could not write the checkpoint to {directory}: {exc}") from None
             report.update(state_bytes_written=sum(map(len, files.values())), optimizer_step=self.trainer.global_step,
-                          optimizer_saved=state is not None,
+                          optimizer_saved=state is not None, heads_saved=self.heads.names if self.heads else [],
                           ledger_ids=len(self.ledger), weights_version=self.weights_version, time=time.time())
             write_state_file(directory, "checkpoint.json", json.dumps(report).encode())
         if directory == source:
@@ -264,6 +352,10 @@ class TrainerService:
         logger.info("checkpoint to %s: %d of %d blocks written (%d bytes) in %.2f s", directory, report["blocks_written"],
                     report["blocks_compared"], report["bytes_written"], report["seconds"])
         return report
+
+    def _schedule_sync(self) -> None:
+        if self.sync_after_s > 0:
+            self.sync_due = time.monotonic() + self.sync_after_s  # batched: each job pushes it back
 
     def scheduled_sync(self) -> None:
         """Called by the job thread while idle: sync when the schedule says so."""
@@ -275,6 +367,34 @@ class TrainerService:
         except OpError as exc:
             self.last_checkpoint = {"error": str(exc), "time": time.time()}
             logger.error("scheduled checkpoint failed: %s", exc)
+
+    def head_scores(self, op: HeadScoresOp) -> dict:
+        """Scores of the reward heads at the given positions, from one trunk forward."""
+        self._require_ready()
+        heads = self.heads
+        if heads is None:
+            raise OpError("conflict", "no reward heads have been trained on this server yet (POST /train with mode btrm)")
+        wanted = op.heads or heads.names
+        unknown = [h for h in wanted if h not in heads.names]
+        if unknown:
+            raise OpError("invalid", f"no head {unknown[0]!r}; the heads are {heads.names}")
+        if max(op.token_ids) >= self.vocab_size:
+            raise OpError("invalid", f"token id {max(op.token_ids)} is outside the vocabulary (size {self.vocab_size})")
+        if not all(0 <= p < len(op.token_ids) for p in op.positions):
+            raise OpError("invalid", f"positions must be within the {len(op.token_ids)} tokens")
+        device = next(self.model.parameters()).device
+        trunk_lora = self.trunk_lora
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            if self.adapter_attached or trunk_lora:  # a LoRA is, or is about to be, on the view model
+                stack.enter_context(self.model_lock)
+            if trunk_lora:  # the heads read the trunk through their private LoRA
+                load_factors(stack.enter_context(attached_lora(self.model, r=TRUNK_LORA_R, alpha=TRUNK_LORA_ALPHA,
+                                                               dropout=0.0)), trunk_lora)
+            trunk = self.model.base_model
+            hidden = trunk(input_ids=torch.tensor([op.token_ids], device=device), use_cache=False).last_hidden_state[0]
+            scores = heads(hidden[torch.tensor(op.positions, device=device)].float().cpu())
+        columns = [heads.names.index(h) for h in wanted]
+        return {"heads": wanted, "scores": [[float(row[c]) for c in columns] for row in scores.tolist()]}
 
     def token_logprobs(self, token_ids: list[int]) -> list[float]:
         self._require_ready()
@@ -306,6 +426,8 @@ class TrainerService:
             "max_queued_jobs": self.jobs.max_queued,
             "weights_version": self.weights_version,
             "ledger_size": len(self.ledger) if self.ledger else 0,
+            "heads": self.heads_info,
+            "adapters": self.adapters.history(),
             "checkpoint": {
                 "restored": self.restored,
                 "last": self.last_checkpoint,
@@ -345,20 +467,147 @@ class TrainerService:
             state, error = "failed", f"the trainer is {self.state}: {self.reason}"
         elif job.cancel_requested:
             state, error = "cancelled", None
+        elif isinstance(job.op, SubmitBTRMOp):
+            state, error = self._train_btrm(job)
+        elif isinstance(job.op, SubmitCircuitBreakerOp):
+            state, error = self._train_circuit_breaker(job)
+        elif isinstance(job.op, SubmitRevertOp):
+            state, error = self._revert(job)
         else:
-            state, error = self._train(job)
+            state, error = self._train_sft(job)
         if self.trainer is not None and self.trainer.optimizer is not None:
             self.optimizer_state_bytes = self.trainer.optimizer_bytes()  # the job thread owns the optimizer
         release_free_heap()
         info.finished_at, info.weights_version, info.error = time.time(), self.weights_version, error
-        if self.weights_version != version_before and self.sync_after_s > 0:
-            self.sync_due = time.monotonic() + self.sync_after_s  # batched: each job pushes it back
+        if self.weights_version != version_before:
+            self._schedule_sync()
         info.state = state  # last: whoever sees a finished job sees all of it
         self.outbox.put((None, Event(event="job_finished", trainer_id=self.trainer_id, job=info,
                                      weights_version=self.weights_version, weights_changed=self.weights_version != version_before,
                                      trainer_idle=self.jobs.idle())))
 
-    def _train(self, job: Job) -> tuple[str, str | None]:
+    def _train_btrm(self, job: Job) -> tuple[str, str | None]:
+        """Train the reward heads on features of the frozen, served trunk."""
+        op: SubmitBTRMOp = job.op
+        config = op.config
+        names = [h.name for h in config.heads]
+        try:
+            if op.samples:
+                ids = [s.ids[-config.max_length :] for s in op.samples]
+                positive = torch.zeros(len(ids), len(names), dtype=torch.bool)
+                negative_weight = torch.zeros(len(ids), len(names))
+                for i, sample in enumerate(op.samples):
+                    for head, label in sample.labels.items():
+                        if label == "positive":
+                            positive[i, names.index(head)] = True
+                        else:
+                            negative_weight[i, names.index(head)] = config.tier_weights[label]
+                report = {"samples": len(ids)}
+            else:
+                labelled = build_labelled_set(config, Path("/"))
+                ids, positive, negative_weight, report = (encode(self._tokenizer(), config, labelled.texts), labelled.positive,
+                                                          labelled.negative_weight, labelled.report)
+            if not ids:
+                return "failed", "no samples: the sources held no readable text"
+            job.info.n_samples = len(ids)
+            job.info.total_steps = config.epochs
+            trunk_lora = None
+            if config.trunk_lora:  # a LoRA private to this process: attached for training and scoring, never merged
+                with self.model_lock:
+                    self.adapter_attached = True
+                    try:
+                        with attached_lora(self.model, r=TRUNK_LORA_R, alpha=TRUNK_LORA_ALPHA, dropout=0.05) as peft_model:
+                            result = train_btrm_with_trunk_lora(
+                                peft_model, ids, names, positive, negative_weight, config, report,
+                                progress=lambda stage, epoch, total: self.jobs.progress(job, epoch, total))
+                            trunk_lora = lora_factors(peft_model)
+                    finally:
+                        self.adapter_attached = False
+            else:
+                features = last_token_features(self.model, ids)  # the served weights as they are now
+                reuse = self.heads if self.heads is not None and self.heads.names == names and self.trunk_lora is None else None
+                result = train_on_features(config, names, positive, negative_weight, features, heads=reuse, report=report,
+                                           progress=lambda epoch, total, log: self.jobs.progress(job, epoch, total))
+        except Exception as exc:
+            logger.error("job %s failed:\n%s", job.info.job_id, traceback.format_exc())
+            return "failed", f"{type(exc).__name__}: {exc}"
+        job.info.result = result.summary()
+        self.heads, self.trunk_lora = result.heads, trunk_lora
+        self.heads_info = {"names": names, "descriptions": {h.name: h.description for h in config.heads},
+                           "meta_prompt": config.meta_prompt, "max_length": config.max_length, "job_id": job.info.job_id,
+                           "trained_at": time.time(), "held_out_accuracy": result.held_out_accuracy,
+                           "trunk_lora": {"r": TRUNK_LORA_R, "alpha": TRUNK_LORA_ALPHA, "modules": len(trunk_lora)} if trunk_lora else None}
+        self._schedule_sync()
+        return "succeeded", None
+
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir()))
+        return self.tokenizer
+
+    def _train_circuit_breaker(self, job: Job) -> tuple[str, str | None]:
+        """Train the LoRA on the live model (its weights untouched meanwhile), then
+        merge it in place if the guards and the coherence check let it."""
+        op: SubmitCircuitBreakerOp = job.op
+        report = None
+        try:
+            samples = op.samples
+            if samples is None:
+                samples, report = read_jsonl(Path(op.dataset_path))
+                if {s.split for s in samples} != {"harmful", "retain"}:
+                    return "failed", (f"{op.dataset_path}: a circuit-breaker run needs both harmful and retain samples "
+                                      f"({report['rows']} readable rows, {report['bad_rows']} bad)")
+            job.info.n_samples, job.info.total_steps = len(samples), op.config.steps
+            pad = getattr(self.model.config, "pad_token_id", None)
+            trainer = CircuitBreakerTrainer(self.model, self._tokenizer(), op.config,
+                                            pad_id=pad if isinstance(pad, int) and 0 <= pad < self.vocab_size else 0)
+            with self.model_lock:
+                self.adapter_attached = True
+                try:
+                    result, factors = trainer.run(samples, on_step=lambda step, total: self.jobs.progress(job, step, total),
+                                                  should_stop=lambda: job.cancel_requested,
+                                                  log=lambda line: logger.info("job %s: %s", job.info.job_id, line))
+                finally:
+                    self.adapter_attached = False
+                record = merge_in_place(self.model, factors) if factors else None
+                if record is not None:
+                    self.weights_version += 1
+        except Exception as exc:
+            logger.error("job %s failed:\n%s", job.info.job_id, traceback.format_exc())
+            return "failed", f"{type(exc).__name__}: {exc}"
+        summary = result.as_dict()
+        summary.update(merged=record is not None, dataset=report)
+        job.info.result = summary
+        if result.tripped == "cancelled":
+            return "cancelled", None
+        if record is None:
+            why = result.tripped and f"tripwire: {result.tripped}; rolled back to step {result.rolled_back_to_step}"
+            why = why or "coherence check failed: " + "; ".join(result.coherence.get("reasons", []))
+            return "failed", f"{why}; nothing was merged, the served weights are unchanged"
+        self.adapters.add(Adapter(job_id=job.info.job_id, merged_at=time.time(), weights_version=self.weights_version,
+                                  summary={k: summary[k] for k in ("steps", "target_layers", "lora_layers", "harmful_cos_before",
+                                                                   "harmful_cos_after", "retain_l2_relative_after")},
+                                  config=op.config.model_dump()), record)
+        return "succeeded", None
+
+    def _revert(self, job: Job) -> tuple[str, str | None]:
+        """Subtract a merged adapter; exact (bitwise) unless the weights were trained since."""
+        try:
+            adapter, record = self.adapters.revertible(job.op.job_id)
+        except OpError as exc:
+            return "failed", str(exc)
+        with self.model_lock:
+            exact = revert_in_place(self.model, record)
+            self.weights_version += 1
+        self.adapters.reverted(adapter.job_id, exact)
+        job.info.result = {"reverted": adapter.job_id, "exact": exact,
+                           "note": None if exact else "the weights were trained after the merge: the adapter's delta "
+                           "was subtracted, but the other changes stay"}
+        return "succeeded", None
+
+    def _train_sft(self, job: Job) -> tuple[str, str | None]:
         """Run the job's training; returns its final (state, error)."""
         info = job.info
         chosen, seen = [], set()

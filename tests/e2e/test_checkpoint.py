@@ -90,6 +90,22 @@ def test_checkpoint_targets_stay_inside_the_allowed_roots(first, model_copy):
     assert all(torch.equal(reference[k], copy[k]) for k in reference)
 
 
+def test_reward_heads_are_saved_with_the_checkpoint(first, model_copy, tmp_path_factory):
+    from hogwild.client import btrm_samples
+    from hogwild.training.btrm_corpora import write_corpora
+    from hogwild.training.btrm_data import build_labelled_set, load_config
+
+    corpora = write_corpora(tmp_path_factory.mktemp("heads"), per_tier=5)
+    config = load_config(corpora).model_copy(update={"epochs": 20})
+    labelled = build_labelled_set(config, corpora.parent)
+    samples = btrm_samples(AutoTokenizer.from_pretrained(model_copy), config, labelled.texts, labelled.labels)
+    r = first.http.post("/train", json={"mode": "btrm", "config": config.model_dump(), "samples": samples, "wait": True})
+    assert r.json()["state"] == "succeeded"
+    report = first.http.post("/checkpoint").json()
+    assert report["heads_saved"] == labelled.head_names
+    assert (model_copy / ".hogwild" / "heads.safetensors").exists()
+
+
 def test_a_restarted_server_serves_the_checkpoint_and_resumes_the_optimizer(first, model_copy, tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(model_copy)
     ctx, target = tok.encode(PROMPT), tok.encode(TARGET)
@@ -111,6 +127,10 @@ def test_a_restarted_server_serves_the_checkpoint_and_resumes_the_optimizer(firs
         assert second.complete(ctx, len(target)) == target  # the trained behaviour came back from disk
         restored = second.http.get("/train/status").json()["checkpoint"]["restored"]
         assert restored["optimizer_step"] == 83 and restored["ledger_ids"] == 1
+        assert restored["heads"] == ["ocean", "forest", "machines", "kitchen", "fable", "ocean_prose"]
+        scored = second.http.post("/v1/score", json={"prompt": ctx + target, "score_ranges": [[0, len(ctx) + len(target)]],
+                                                      "heads": ["fable"]}).json()
+        assert list(scored["scores"][0]["heads"]) == ["fable"]
         # The sample trained before the checkpoint is not trained again...
         r = second.http.post("/train", json={"samples": [{"context_ids": ctx, "continuation_ids": target, "id": "ckpt-1"}],
                                              "wait": True})

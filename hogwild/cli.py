@@ -1,0 +1,228 @@
+"""The ``hogwild`` command.
+
+    hogwild btrm synth -o DIR              synthetic corpora with known structure, and a config for them
+    hogwild btrm gen-config -o FILE        an annotated config template
+    hogwild btrm test-decoders -c CONFIG   decode every source: rows, texts, filtered and bad rows
+    hogwild btrm sample-inputs -c CONFIG   what each head will see (wrapped in the meta-prompt)
+    hogwild btrm train -c CONFIG -o DIR --model MODEL
+    hogwild btrm score -m DIR -i in.jsonl -o out.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+CONFIG_TEMPLATE = """\
+# hogwild BTRM config: one shared trunk, one scalar head per criterion.
+# Paths are relative to this file.
+
+# Wraps every sample, positive and negative alike, so the prompt carries no label.
+meta_prompt: |-
+  Read the passage below.
+
+  Passage:
+  {text}
+
+  End of passage.
+
+heads:
+  - name: my_head                     # letters, digits, _ . -
+    description: what membership means for this head
+    positive_sources:
+      - path: positives.jsonl
+        text_field: auto              # auto: `text` (flattened), `prose` (fk_normed, brainrot_aesop*), else the first string field
+        tier_filter: [flattened, fk_normed]   # keep rows whose `tier` is listed (omit: all rows)
+    negative_sources:
+      - path: near_misses.jsonl
+        neg_tier: soft_neg            # soft_neg | semi_firm_neg | furthest_neg (see tier_weights)
+
+# Merged into every head's negatives at load time.
+shared_negatives:
+  - path: external.jsonl
+    neg_tier: furthest_neg
+
+tier_weights: {soft_neg: 2.0, semi_firm_neg: 1.0, furthest_neg: 0.5}
+cap: 10.0              # scores = cap * tanh(scores / cap); 0 disables
+logsq: squared         # squared: (log(r^2+eps))^2, positives settle near 1; literal: log(r^2+eps), pulls them to 0
+logsq_lambda: 0.1
+lr: 0.003
+epochs: 300
+batch_size: 64
+held_out_fraction: 0.2
+max_length: 256
+seed: 0
+trunk_lora: false      # also train a LoRA (r=16, alpha=32) on the trunk, kept apart: never merged into the model
+"""
+
+
+def _progress(total_label: str):
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        bar = bars.get(phase) or bars.setdefault(phase, tqdm(total=total, desc=f"{total_label} {phase}", leave=True))
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def btrm_synth(args) -> None:
+    from hogwild.training.btrm_corpora import write_corpora
+
+    path = write_corpora(args.out, per_tier=args.per_tier, seed=args.seed)
+    print(f"wrote synthetic corpora and {path}")
+
+
+def btrm_gen_config(args) -> None:
+    args.out.write_text(CONFIG_TEMPLATE)
+    print(f"wrote {args.out}")
+
+
+def btrm_test_decoders(args) -> None:
+    from hogwild.training.btrm_data import build_labelled_set, load_config
+
+    labelled = build_labelled_set(load_config(args.config), args.config.parent)
+    report = labelled.report
+    for name, source in report["sources"].items():
+        print(f"{name}: {source['rows']} rows -> {source['texts']} texts, {source['filtered_out']} filtered out, "
+              f"{source['bad_rows']} bad")
+        for line, why in source["bad_examples"]:
+            print(f"    line {line}: {why}")
+    print(json.dumps(report["per_head"], indent=2))
+    if report["bad_rows"]:
+        print(f"{report['bad_rows']} bad rows in all (not used)", file=sys.stderr)
+
+
+def btrm_sample_inputs(args) -> None:
+    from hogwild.training.btrm_data import build_labelled_set, load_config
+
+    config = load_config(args.config)
+    labelled = build_labelled_set(config, args.config.parent)
+    for h, head in enumerate(config.heads):
+        print(f"=== {head.name}: {head.description}")
+        for kind, rows in (("positive", labelled.positive[:, h]), ("negative", labelled.negative[:, h])):
+            picked = rows.nonzero().flatten()[: args.n].tolist()
+            for i in picked:
+                tier = ""
+                if kind == "negative":
+                    weight = float(labelled.negative_weight[i, h])
+                    tier = " " + next((t for t, w in config.tier_weights.items() if w == weight), f"weight {weight}")
+                print(f"--- {kind}{tier}:\n{config.wrap(labelled.texts[i])}")
+
+
+def btrm_train(args) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hogwild.training.btrm_data import build_labelled_set, load_config
+    from hogwild.training.btrm_run import encode, plot_training, train_btrm, train_btrm_with_trunk_lora
+    from hogwild.training.lora import attached_lora
+
+    config = load_config(args.config)
+    labelled = build_labelled_set(config, args.config.parent)
+    if labelled.report["bad_rows"]:
+        print(f"{labelled.report['bad_rows']} bad rows skipped (see `hogwild btrm test-decoders`)", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32 if args.float32 else "auto").eval()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if config.trunk_lora:
+        with attached_lora(model, r=16, alpha=32, dropout=0.05) as peft_model:
+            result = train_btrm_with_trunk_lora(peft_model, encode(tokenizer, config, labelled.texts), labelled.head_names,
+                                                labelled.positive, labelled.negative_weight, config, labelled.report,
+                                                progress=_progress("btrm"))
+            peft_model.save_pretrained(args.out / "trunk_lora")  # the adapter only: the trunk is untouched
+    else:
+        result = train_btrm(model, tokenizer, config, labelled, progress=_progress("btrm"))
+    extra = {"model": str(args.model), "descriptions": {h.name: h.description for h in config.heads},
+             "meta_prompt": config.meta_prompt, "config": config.model_dump(), **result.summary()}
+    tensors, meta = result.heads.to_bytes(extra)
+    (args.out / "heads.safetensors").write_bytes(tensors)
+    (args.out / "heads.json").write_bytes(meta)
+    plot_training(result.log, labelled.head_names, args.out / "training.png")
+    print(json.dumps({"held_out_accuracy": result.held_out_accuracy, "positive_scores": result.positive_scores}, indent=2))
+    print(f"wrote {args.out}/heads.safetensors, heads.json and training.png")
+
+
+def btrm_score(args) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hogwild.training.btrm import RewardHeads, last_token_features
+    from hogwild.training.btrm_data import SourceSpec, decode_source
+
+    heads = RewardHeads.from_bytes((args.heads / "heads.safetensors").read_bytes(), (args.heads / "heads.json").read_bytes())
+    model_path = args.model or heads.extra.get("model")
+    if not model_path:
+        raise SystemExit("which trunk? pass --model")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32 if args.float32 else "auto").eval()
+    if (args.heads / "trunk_lora").is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.heads / "trunk_lora").eval()
+    decoded = decode_source(SourceSpec(path=str(args.input.resolve()), text_field=args.text_field), args.input.parent)
+    for line, why in decoded.bad:
+        print(f"{args.input}: line {line} skipped: {why}", file=sys.stderr)
+    wrap = heads.extra.get("meta_prompt", "{text}")
+    max_length = heads.extra.get("config", {}).get("max_length", 256)
+    ids = [tokenizer.encode(wrap.replace("{text}", t), add_special_tokens=False)[-max_length:] for t in decoded.texts]
+    bar = _progress("score")
+    with torch.no_grad():
+        scores = heads(last_token_features(model, ids, progress=lambda done, total: bar("features", done, total)))
+    with open(args.output, "w") as f:
+        for text, row in zip(decoded.texts, scores.tolist()):
+            f.write(json.dumps({"text": text, "scores": dict(zip(heads.names, row))}) + "\n")
+    print(f"scored {len(decoded.texts)} texts with {len(heads.names)} heads into {args.output}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="hogwild", description="vllm-hogwild tools")
+    sub = parser.add_subparsers(dest="tool", required=True)
+    btrm = sub.add_parser("btrm", help="multi-head Bradley-Terry reward heads").add_subparsers(dest="command", required=True)
+
+    p = btrm.add_parser("synth", help="write synthetic corpora and a config for them")
+    p.add_argument("-o", "--out", type=Path, required=True)
+    p.add_argument("--per-tier", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=btrm_synth)
+
+    p = btrm.add_parser("gen-config", help="write an annotated config template")
+    p.add_argument("-o", "--out", type=Path, required=True)
+    p.set_defaults(run=btrm_gen_config)
+
+    for name, run, helptext in (("test-decoders", btrm_test_decoders, "decode every source of a config and report"),
+                                ("sample-inputs", btrm_sample_inputs, "show what each head will see")):
+        p = btrm.add_parser(name, help=helptext)
+        p.add_argument("-c", "--config", type=Path, required=True)
+        p.add_argument("-n", type=int, default=2, help="samples per head and kind (sample-inputs)")
+        p.set_defaults(run=run)
+
+    p = btrm.add_parser("train", help="train the heads on a frozen trunk")
+    p.add_argument("-c", "--config", type=Path, required=True)
+    p.add_argument("-o", "--out", type=Path, required=True)
+    p.add_argument("--model", required=True, help="the trunk: a Hugging Face model directory or id")
+    p.add_argument("--float32", action="store_true", help="run the trunk in float32")
+    p.set_defaults(run=btrm_train)
+
+    p = btrm.add_parser("score", help="score a JSONL file with trained heads")
+    p.add_argument("-m", "--heads", type=Path, required=True, help="a directory written by `hogwild btrm train`")
+    p.add_argument("-i", "--input", type=Path, required=True)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--model", default=None, help="the trunk (default: the one the heads were trained on)")
+    p.add_argument("--text-field", default="auto")
+    p.add_argument("--float32", action="store_true")
+    p.set_defaults(run=btrm_score)
+
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""A small Python client for the plugin's routes, with the tokenizer-backed
+helper that turns texts into the token ids the server takes.
+
+    client = HogwildClient("http://127.0.0.1:8000", api_key="...", admin_key="...")
+    client.train([{"context_ids": [...], "continuation_ids": [...]}], lr=1e-5, wait=True)
+    samples = btrm_samples(tokenizer, config, texts, labels)   # wrapped in the meta-prompt
+    client.train_btrm(config, samples, wait=True)
+    client.score(prompt_ids, [[0, len(prompt_ids)]], heads=True)
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from hogwild.training.btrm_data import BTRMConfig
+
+
+def btrm_samples(tokenizer, config: BTRMConfig, texts: list[str], labels: list[dict[str, str]]) -> list[dict]:
+    """``/train`` (mode btrm) samples: each text wrapped in the config's
+    meta-prompt, tokenized, cut from the left to ``max_length``; ``labels`` maps
+    head -> "positive" or a negative tier, per text."""
+    return [{"ids": tokenizer.encode(config.wrap(t), add_special_tokens=False)[-config.max_length :], "labels": lab}
+            for t, lab in zip(texts, labels)]
+
+
+def wrapped_prompt(tokenizer, config: BTRMConfig, text: str) -> list[int]:
+    """A text as the heads saw it in training: score it with the range ending at the last token."""
+    return tokenizer.encode(config.wrap(text), add_special_tokens=False)[-config.max_length :]
+
+
+class HogwildClient:
+    def __init__(self, base_url: str, api_key: str | None = None, admin_key: str | None = None, timeout: float = 600):
+        headers = {}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        if admin_key:
+            headers["X-Hogwild-Admin-Key"] = admin_key
+        self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+
+    def _post(self, path: str, body: dict) -> dict:
+        r = self.http.post(path, json=body)
+        if r.status_code >= 400:
+            raise RuntimeError(f"{path}: {r.status_code} {r.text}")
+        return r.json()
+
+    def train(self, samples: list[dict], **options) -> dict:
+        return self._post("/v1/train", {"samples": samples, **options})
+
+    def train_btrm(self, config: BTRMConfig | dict, samples: list[dict] | None = None, wait: bool = False) -> dict:
+        body = {"mode": "btrm", "config": config.model_dump() if isinstance(config, BTRMConfig) else config, "wait": wait}
+        if samples is not None:
+            body["samples"] = samples
+        return self._post("/v1/train", body)
+
+    def score(self, prompt: list[int], score_ranges: list[list[int]], heads: bool | list[str] = False) -> list[dict]:
+        return self._post("/v1/score", {"prompt": prompt, "score_ranges": score_ranges, "heads": heads})["scores"]
+
+    def status(self) -> dict:
+        return self.http.get("/v1/train/status").json()
+
+    def checkpoint(self, target: str | None = None) -> dict:
+        return self._post("/v1/checkpoint", {"target": target} if target else {})

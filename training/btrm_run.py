@@ -1,0 +1,152 @@
+"""A whole BTRM training run: config -> labelled texts -> trunk features -> heads.
+
+Used by ``hogwild btrm train`` (any Hugging Face causal LM) and by the training
+subprocess (the served model's shared trunk). The trunk is frozen: each text's
+last-token feature is computed once, then the heads train on the features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .btrm import HeadTrainingLog, RewardHeads, last_token_features, pairwise_accuracy, train_heads
+from .btrm_data import BTRMConfig, LabelledSet
+
+
+def encode(tokenizer, config: BTRMConfig, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text wrapped in the meta-prompt, cut from the left to
+    ``max_length`` (the heads read the end)."""
+    return [tokenizer.encode(config.wrap(t), add_special_tokens=False)[-config.max_length :] for t in texts]
+
+
+@dataclass
+class BTRMResult:
+    heads: RewardHeads
+    log: HeadTrainingLog
+    held_out_accuracy: dict[str, float | None]
+    positive_scores: dict[str, dict[str, float]]  # per head: mean, median of held-out positives
+    report: dict
+
+    def summary(self) -> dict:
+        return {"held_out_accuracy": self.held_out_accuracy, "positive_scores": self.positive_scores,
+                "final_loss": self.log.losses[-1] if self.log.losses else None, "data": self.report}
+
+
+def train_on_features(config: BTRMConfig, names: list[str], positive: torch.Tensor, negative_weight: torch.Tensor,
+                      features: torch.Tensor, heads: RewardHeads | None = None, report: dict | None = None,
+                      progress=None) -> BTRMResult:
+    """Split, train the heads on precomputed features, measure the held-out set.
+
+    ``positive`` (N, H) bool and ``negative_weight`` (N, H) label each feature row;
+    ``heads`` with the same names and cap continue training, else new ones start.
+    """
+    order = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(config.seed))
+    cut = int(round(len(order) * (1 - config.held_out_fraction)))
+    train_idx, test_idx = order[:cut], order[cut:]
+    if heads is None or heads.names != names or heads.cap != config.cap or heads.proj.in_features != features.shape[1]:
+        heads = RewardHeads(features.shape[1], names, cap=config.cap)
+    negative = negative_weight > 0
+    held_out = (features[test_idx], positive[test_idx], negative[test_idx]) if len(test_idx) else None
+    log = train_heads(heads, features[train_idx], positive[train_idx], negative_weight[train_idx], held_out,
+                      epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
+                      lam=config.logsq_lambda, form=config.logsq, seed=config.seed, progress=progress)
+    evaluate = held_out or (features, positive, negative)
+    with torch.no_grad():
+        scores = heads(evaluate[0])
+    accuracy = dict(zip(names, pairwise_accuracy(scores, evaluate[1], evaluate[2])))
+    positives = {}
+    for h, name in enumerate(names):
+        s = scores[evaluate[1][:, h], h]
+        positives[name] = {"mean": float(s.mean()), "median": float(s.median())} if s.numel() else {}
+    return BTRMResult(heads, log, accuracy, positives, report or {})
+
+
+def train_btrm(model, tokenizer, config: BTRMConfig, labelled: LabelledSet, progress=None) -> BTRMResult:
+    """Features from the frozen ``model`` for every text, then the heads."""
+    ids = encode(tokenizer, config, labelled.texts)
+    features = last_token_features(model, ids, progress=(lambda done, total: progress("features", done, total)) if progress else None)
+    return train_on_features(config, labelled.head_names, labelled.positive, labelled.negative_weight, features,
+                             report=labelled.report,
+                             progress=(lambda e, total, log: progress("epochs", e, total)) if progress else None)
+
+
+def train_btrm_with_trunk_lora(peft_model, ids: list[list[int]], names: list[str], positive: torch.Tensor,
+                               negative_weight: torch.Tensor, config: BTRMConfig, report: dict | None = None,
+                               progress=None) -> BTRMResult:
+    """Heads and a LoRA on the trunk, trained together. ``peft_model`` is the
+    trunk with the LoRA attached (``training.lora.attached_lora``, r=16,
+    alpha=32): the trunk's own weights never change and the adapter is never
+    merged. Every epoch runs the trunk, so ``epochs`` should be small.
+    """
+    from .btrm import btrm_loss
+
+    negative = negative_weight > 0
+    n = len(ids)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
+    cut = int(round(n * (1 - config.held_out_fraction)))
+    train_idx, test_idx = order[:cut].tolist(), order[cut:].tolist()
+    device = next(peft_model.parameters()).device
+    heads = RewardHeads(peft_model.config.hidden_size, names, cap=config.cap).to(device)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad] + list(heads.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    log = HeadTrainingLog()
+    gen = torch.Generator().manual_seed(config.seed)
+    for epoch in range(config.epochs):
+        peft_model.train()
+        losses = []
+        shuffled = [train_idx[i] for i in torch.randperm(len(train_idx), generator=gen).tolist()]
+        for start in range(0, len(shuffled), config.batch_size):
+            batch = shuffled[start : start + config.batch_size]
+            scores = heads(last_token_features(peft_model, [ids[i] for i in batch], batch_size=len(batch), grad=True))
+            out = btrm_loss(scores, positive[batch].to(scores.device), negative_weight[batch].to(scores.device),
+                            config.logsq_lambda, config.logsq)
+            if not out.active.any():
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            losses.append(float(out.loss.detach()))
+        peft_model.eval()
+        log.losses.append(sum(losses) / max(1, len(losses)))
+        if test_idx:
+            with torch.no_grad():
+                held = heads(last_token_features(peft_model, [ids[i] for i in test_idx])).cpu()
+            log.accuracy.append(pairwise_accuracy(held, positive[test_idx], negative[test_idx]))
+            log.epochs.append(epoch + 1)
+        if progress is not None:
+            progress("epochs", epoch + 1, config.epochs)
+    rows = test_idx or list(range(n))
+    with torch.no_grad():
+        scores = heads(last_token_features(peft_model, [ids[i] for i in rows])).cpu()
+    accuracy = dict(zip(names, pairwise_accuracy(scores, positive[rows], negative[rows])))
+    positives = {}
+    for h, name in enumerate(names):
+        s = scores[positive[rows][:, h], h]
+        positives[name] = {"mean": float(s.mean()), "median": float(s.median())} if s.numel() else {}
+    return BTRMResult(heads.cpu(), log, accuracy, positives, report or {})
+
+
+def plot_training(log: HeadTrainingLog, names: list[str], path: Path) -> None:
+    """Loss per epoch and held-out pairwise accuracy per head."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.plot(range(1, len(log.losses) + 1), log.losses)
+    left.set_xlabel("epoch")
+    left.set_ylabel("training loss")
+    left.set_yscale("log")
+    for h, name in enumerate(names):
+        right.plot(log.epochs, [a[h] if a[h] is not None else float("nan") for a in log.accuracy], label=name)
+    right.set_xlabel("epoch")
+    right.set_ylabel("held-out pairwise accuracy")
+    right.set_ylim(0.4, 1.02)
+    right.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

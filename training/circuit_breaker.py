@@ -399,6 +399,8 @@ class CircuitBreakerTrainer:
         masks, mask_stats = self._masks(samples)
         result = CBResult(target_layers=self.target_layers, lora_layers=list(range(self.target_layers[-1] + 1)),
                           mask=mask_stats)
+        if log:
+            log("loss mask: " + ", ".join(f"{k}={v}" for k, v in mask_stats.items()))
         rng = random.Random(config.seed)
         validation = rng.sample(retain, min(len(retain), max(2, config.batch_size)))
         samplers = {split: StratifiedSampler(index, [samples[i].priority_class for i in index], config.seed + k)

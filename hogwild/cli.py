@@ -6,6 +6,7 @@
     hogwild btrm sample-inputs -c CONFIG   what each head will see (wrapped in the meta-prompt)
     hogwild btrm train -c CONFIG -o DIR --model MODEL
     hogwild btrm score -m DIR -i in.jsonl -o out.jsonl
+    hogwild readout train --model DIR --stories stories/ --layers 10 20 --aggregator mean --out DIR
 """
 
 from __future__ import annotations
@@ -182,6 +183,38 @@ def btrm_score(args) -> None:
     print(f"scored {len(decoded.texts)} texts with {len(heads.names)} heads into {args.output}")
 
 
+def parse_layers(values: list[str], num_layers: int) -> list[int]:
+    """``--layers 3 5``, ``3,5``, ``all``, or negative indices counted from the end."""
+    if values == ["all"]:
+        return list(range(num_layers))
+    layers = [int(v) for value in values for v in value.split(",") if v.strip()]
+    return sorted({layer + num_layers if layer < 0 else layer for layer in layers})
+
+
+def readout_train(args) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hogwild.readout.corpus import CorpusError, read_corpus
+    from hogwild.readout.train import train_readout, write_training
+
+    try:  # the corpus is checked before the model is loaded
+        corpus = read_corpus(args.stories, args.min_positives)
+    except CorpusError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    for warning in corpus.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{len(corpus.concepts)} concepts, {len(corpus.texts())} unique texts "
+          f"({len(corpus.baselines)} baselines, {len(corpus.neutral)} neutral)")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32 if args.float32 else "auto").eval()
+    layers = parse_layers(args.layers, model.config.num_hidden_layers)
+    result = train_readout(model, tokenizer, corpus, layers, args.aggregator, args.dtype)
+    written = write_training(result, args.out)
+    print("\n".join(result.triage))
+    print(f"wrote {written['vectors']}, {Path(written['manifest']).name}, quality.json and quality.png")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hogwild", description="vllm-hogwild tools")
     sub = parser.add_subparsers(dest="tool", required=True)
@@ -219,6 +252,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-field", default="auto")
     p.add_argument("--float32", action="store_true")
     p.set_defaults(run=btrm_score)
+
+    readout = sub.add_parser("readout", help="concept vectors for per-token readouts").add_subparsers(dest="command", required=True)
+    p = readout.add_parser("train", help="train concept vectors from a story corpus (steering-vectors)")
+    p.add_argument("--model", required=True, help="a Hugging Face model directory or id (the served model)")
+    p.add_argument("--stories", type=Path, required=True, help="the corpus directory (see stories/README.md)")
+    p.add_argument("--layers", nargs="+", required=True, help="decoder layer indices (0-based; -1 = last; or 'all')")
+    p.add_argument("--aggregator", choices=["mean", "pca", "logistic"], default="mean")
+    p.add_argument("--out", type=Path, required=True, help="writes readout.safetensors, readout.json, quality.json/.png")
+    p.add_argument("--min-positives", type=int, default=4, help="fewer stories for a concept is an error")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="of the written vectors")
+    p.add_argument("--float32", action="store_true", help="run the model in float32")
+    p.set_defaults(run=readout_train)
 
     args = parser.parse_args(argv)
     args.run(args)

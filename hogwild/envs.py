@@ -85,3 +85,15 @@ def trainer_memory_limit() -> int | None:
 def trainer_threads() -> int | None:
     """CPU threads of the training process (default: half the cores)."""
     return _int("HOGWILD_TRAINER_THREADS", 0) or None
+
+
+def readout_vectors() -> Path | None:
+    """``VLLM_READOUT_VECTORS``: the concept vectors a server reads out with from start-up."""
+    value = os.environ.get("VLLM_READOUT_VECTORS")
+    return Path(value) if value else None
+
+
+def readout_manifest() -> Path | None:
+    """``VLLM_READOUT_MANIFEST``: their manifest (default: ``readout.json`` beside the vectors)."""
+    value = os.environ.get("VLLM_READOUT_MANIFEST")
+    return Path(value) if value else None

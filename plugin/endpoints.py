@@ -11,16 +11,19 @@ logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers 
 
 
 class HogwildEndpoints:
-    """Adds /train, /train/status, /train/{job_id} (GET, DELETE) and /score (bare and /v1)."""
+    """Adds /train, /train/status, /train/{job_id} (GET, DELETE), /score, /checkpoint and the
+    readout routes (each bare and under /v1), and readouts on vLLM's completion routes."""
 
     name = "hogwild"
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
         from .limits import BodySizeLimit, Limits
+        from .readout_http import ReadoutMiddleware
         from .routes import PATH_PREFIXES, router
 
         app.include_router(router)
+        app.add_middleware(ReadoutMiddleware)
         app.add_middleware(BodySizeLimit, prefixes=PATH_PREFIXES, max_bytes=Limits.from_env().max_body_bytes)
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:

@@ -36,6 +36,7 @@ from .auth import Access
 from .http_errors import ApiError
 from .limits import Limits
 from .paths import PathPolicy
+from .readout_frontend import ReadoutFrontend
 from .schemas import (
     BTRMTrainRequest,
     CheckpointRequest,
@@ -97,8 +98,16 @@ class Frontend:
         self.cache_state: tuple[str | None, int] = (None, -1)
         self.cache_lock = asyncio.Lock()
         self.heartbeat: asyncio.Task | None = None
+        self.readout = ReadoutFrontend.if_enabled(self.session, config.model_config)
+
+    @property
+    def readout_inbox(self):
+        """What the readout middleware waits on; None while readout is off."""
+        return self.readout.inbox if self.readout is not None else None
 
     async def start(self) -> None:
+        if self.readout is not None:
+            await self.readout.start()
         if self.access.refusal:
             logger.warning("hogwild: %s", self.access.refusal)
         if self.unsupported:

@@ -13,6 +13,8 @@ matter in the worker process, where the model is loaded:
    warm-up), the weights are published for the trainer (``weight_export``).
    Before it reads the model directory, a checkpoint sync that was killed
    half-way is finished or undone (``hogwild.worker.checkpoint.recover``).
+3. When ``VLLM_READOUT_VECTORS`` is set, the model runner's ``load_model``
+   also taps every decoder layer for concept readouts (``readout_tap``).
 
 Nothing happens unless ``VLLM_PLUGINS`` names ``hogwild``.
 """
@@ -20,7 +22,10 @@ Nothing happens unless ``VLLM_PLUGINS`` names ``hogwild``.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+
+from hogwild import envs
 
 from . import session
 
@@ -39,6 +44,10 @@ def register() -> None:
     session.ensure_session_dir()
     _patch_cpu_linear_dispatch()
     _patch_model_loader()
+    if envs.readout_vectors() is not None:
+        # The tap reads the V1 runner's batch; on GPU vLLM 0.32 defaults to V2.
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        _patch_model_runner()
 
 
 def _patch_cpu_linear_dispatch() -> None:
@@ -101,3 +110,30 @@ def _patch_model_loader() -> None:
 
     load_model_and_publish.hogwild_original = original
     BaseModelLoader.load_model = load_model_and_publish
+
+
+def _patch_model_runner() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    classes = [GPUModelRunner]
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        classes.append(CPUModelRunner)
+    except ImportError:
+        pass
+    for cls in classes:
+        original = cls.__dict__.get("load_model")
+        if original is None or getattr(original, "hogwild_original", None):
+            continue
+
+        def load_model_and_tap(self, *args, _original=original, **kwargs):
+            result = _original(self, *args, **kwargs)
+            if getattr(self, "hogwild_readout", None) is None:
+                from .readout_tap import attach
+
+                self.hogwild_readout = attach(self, Path(session.ensure_session_dir()))
+            return result
+
+        load_model_and_tap.hogwild_original = original
+        cls.load_model = load_model_and_tap

@@ -13,6 +13,7 @@ from .schemas import (
     BTRMTrainRequest,
     CheckpointRequest,
     CircuitBreakerTrainRequest,
+    ReadoutLoadRequest,
     RevertRequest,
     ScoreRequest,
     ScoreResponse,
@@ -45,7 +46,7 @@ def both(path: str) -> list[str]:
     return [path, "/v1" + path]
 
 
-PATH_PREFIXES = tuple(p for base in ("/train", "/score", "/checkpoint") for p in both(base))
+PATH_PREFIXES = tuple(p for base in ("/train", "/score", "/checkpoint", "/readout") for p in both(base))
 
 
 async def train(body: TrainBody, fe: Frontend = Depends(admin)) -> JobInfo:
@@ -93,6 +94,30 @@ async def score(body: ScoreRequest, fe: Frontend = Depends(reader)) -> ScoreResp
     return ScoreResponse(scores=await fe.score(body))
 
 
+def readout(fe: Frontend):
+    if fe.readout is None:
+        raise ApiError(404, "readout is off: start the server with VLLM_READOUT_VECTORS=/path/readout.safetensors")
+    return fe.readout
+
+
+async def readout_manifest(fe: Frontend = Depends(reader)) -> dict:
+    """The concept vectors' manifest (concepts, layers, hidden_size, dtype) and
+    the set's version; 404 while readout is off."""
+    return readout(fe).manifest()
+
+
+async def readout_load(body: ReadoutLoadRequest, fe: Frontend = Depends(admin)) -> dict:
+    """Check a vector set against the served model and read out with it from the
+    next request on (requests already running keep theirs); 422 if it does not fit."""
+    state = readout(fe)
+    manifest = fe.paths.confine(body.manifest, "manifest") if body.manifest is not None else None
+    return state.load(fe.paths.confine(body.vectors, "vectors"), manifest)
+
+
+for path in both("/readout/manifest"):
+    router.add_api_route(path, readout_manifest, methods=["GET"])
+for path in both("/readout/load"):
+    router.add_api_route(path, readout_load, methods=["POST"])
 for path in both("/train"):
     router.add_api_route(path, train, methods=["POST"], response_model=JobInfo)
 for path in both("/train/revert"):

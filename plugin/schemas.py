@@ -108,6 +108,14 @@ class CheckpointRequest(BaseModel):
     target: str | None = Field(None, max_length=4096, description="a model directory; default: the served one")
 
 
+class ReadoutLoadRequest(BaseModel):
+    """``POST /readout/load``: read out with another vector set from now on."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    vectors: str = Field(max_length=4096, description="a readout.safetensors on the server")
+    manifest: str | None = Field(None, max_length=4096, description="default: readout.json beside the vectors")
+
+
 class RangeScore(BaseModel):
     range_index: int
     total_logprob: float

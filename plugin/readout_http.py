@@ -1,0 +1,182 @@
+"""ASGI middleware: ``choices[i].readout`` on vLLM's own completion routes.
+
+While readout is on, a request to ``/v1/completions`` or
+``/v1/chat/completions`` gets a join key in its ``vllm_xargs`` (the worker's
+tap reads it) and ``return_token_ids`` (so the answer says how many tokens
+each choice or streamed chunk carries; removed again unless the caller asked).
+The answer is then rewritten: a non-streamed choice gets
+``readout: [n_tokens][n_layers][n_concepts]``, a streamed chunk
+``readout: [n_layers][n_concepts]`` for the token it carries.
+
+``"readout_prompt": true`` in the body asks for ``prompt_readout:
+[n_prompt_tokens][n_layers][n_concepts]`` as well. Prompt positions served
+from the prefix cache are not computed, so such a request gets a fresh
+``cache_salt`` (vLLM's own per-request cache namespace): its prompt is computed
+whole, however it is chunked.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+import numpy as np
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .http_errors import error_response
+from .readout_inbox import ReadoutInbox
+from .readout_wire import KEY_ARG, PROMPT_ARG
+
+READOUT_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+def as_lists(rows: list[np.ndarray | None]) -> list:
+    return [None if r is None else r.tolist() for r in rows]
+
+
+class _Rewrite:
+    """What one request asked for, and the rewriting of its answer."""
+
+    def __init__(self, inbox: ReadoutInbox, key: str, wants_prompt: bool, wants_token_ids: bool):
+        self.inbox, self.key = inbox, key
+        self.wants_prompt, self.wants_token_ids = wants_prompt, wants_token_ids
+        self.sent: dict[int, int] = {}  # choice -> tokens already given a readout (streams)
+
+    def _strip(self, obj: dict) -> None:
+        if not self.wants_token_ids:  # as vLLM answers when they were not asked for
+            for name in ("token_ids", "prompt_token_ids"):
+                if name in obj:
+                    obj[name] = None
+
+    async def response(self, body: dict) -> dict:
+        for choice in body.get("choices") or []:
+            index, ids = choice.get("index", 0), choice.get("token_ids") or []
+            choice["readout"] = as_lists(await self.inbox.tokens(self.key, index, 0, len(ids)))
+            if self.wants_prompt:
+                choice["prompt_readout"] = as_lists(await self.inbox.prompt(self.key, index))
+            self._strip(choice)
+        self._strip(body)
+        return body
+
+    async def chunk(self, body: dict) -> dict:
+        for choice in body.get("choices") or []:
+            index, ids = choice.get("index", 0), choice.get("token_ids") or []
+            if self.wants_prompt and index not in self.sent:
+                choice["prompt_readout"] = as_lists(await self.inbox.prompt(self.key, index))
+            first = self.sent.setdefault(index, 0)
+            if ids:
+                rows = as_lists(await self.inbox.tokens(self.key, index, first, len(ids)))
+                # One token per chunk unless --stream-interval > 1: then one entry per token.
+                choice["readout"] = rows[0] if len(rows) == 1 else rows
+                self.sent[index] = first + len(ids)
+            self._strip(choice)
+        self._strip(body)
+        return body
+
+
+class ReadoutMiddleware:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in READOUT_PATHS:
+            return await self.app(scope, receive, send)
+        frontend = getattr(scope["app"].state, "hogwild", None)
+        inbox = getattr(frontend, "readout_inbox", None)
+        if inbox is None:
+            return await self.app(scope, receive, send)
+        raw, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            raw += message.get("body", b"")
+            more = message.get("more_body", False)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("vllm_xargs") or {}, dict):
+            return await self.app(scope, _replay(raw, receive), send)  # vLLM answers what is wrong with it
+        wants_prompt = body.pop("readout_prompt", False)
+        if not isinstance(wants_prompt, bool):
+            return await error_response(400, "readout_prompt must be true or false")(scope, receive, send)
+        key = inbox.open(body.get("n") or 1)
+        try:
+            rewrite = _Rewrite(inbox, key, wants_prompt, bool(body.get("return_token_ids")))
+            body["return_token_ids"] = True
+            body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), KEY_ARG: key}
+            if wants_prompt:
+                body["vllm_xargs"][PROMPT_ARG] = 1
+                body["cache_salt"] = secrets.token_hex(16)
+            raw = json.dumps(body).encode()
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+            scope = {**scope, "headers": headers + [(b"content-length", str(len(raw)).encode())]}
+            await self.app(scope, _replay(raw, receive), _rewriting_send(send, rewrite))
+        finally:
+            inbox.close(key)
+
+
+def _replay(raw: bytes, receive: Receive) -> Receive:
+    done = False
+
+    async def replayed() -> Message:
+        nonlocal done
+        if not done:
+            done = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+def _rewriting_send(send: Send, rewrite: _Rewrite) -> Send:
+    state: dict = {"start": None, "mode": None, "buffer": b""}
+
+    async def rewritten(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            content_type = dict(message.get("headers") or []).get(b"content-type", b"")
+            if message["status"] != 200:
+                state["mode"] = "pass"
+            elif content_type.startswith(b"text/event-stream"):
+                state["mode"] = "stream"
+            else:
+                state["mode"] = "json"
+            if state["mode"] == "json":
+                state["start"] = message  # sent with the rewritten body's length
+                return
+            return await send(message)
+        if message["type"] != "http.response.body" or state["mode"] == "pass":
+            return await send(message)
+        state["buffer"] += message.get("body", b"")
+        more = message.get("more_body", False)
+        if state["mode"] == "json":
+            if more:
+                return
+            body = json.dumps(await rewrite.response(json.loads(state["buffer"]))).encode()
+            start = state["start"]
+            headers = [(k, v) for k, v in start.get("headers") or [] if k != b"content-length"]
+            await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+            return await send({"type": "http.response.body", "body": body, "more_body": False})
+        out = b""
+        while b"\n\n" in state["buffer"]:
+            event, state["buffer"] = state["buffer"].split(b"\n\n", 1)
+            out += await _rewrite_event(event, rewrite) + b"\n\n"
+        if not more and state["buffer"]:
+            out, state["buffer"] = out + state["buffer"], b""
+        if out or not more:
+            await send({"type": "http.response.body", "body": out, "more_body": more})
+
+    return rewritten
+
+
+async def _rewrite_event(event: bytes, rewrite: _Rewrite) -> bytes:
+    if not event.startswith(b"data: ") or event == b"data: [DONE]":
+        return event
+    try:
+        chunk = json.loads(event[6:])
+    except ValueError:
+        return event
+    if not isinstance(chunk, dict) or "choices" not in chunk:
+        return event
+    return b"data: " + json.dumps(await rewrite.chunk(chunk)).encode()

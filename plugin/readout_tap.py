@@ -1,0 +1,260 @@
+"""Inside vLLM's worker: project the residual stream onto concept vectors.
+
+Every decoder layer gets a forward hook that calls one custom op,
+``hogwild::readout_tap``, with the layer's two outputs (``hidden_states`` and
+``residual``; their sum is what Hugging Face calls the layer's output, before
+any final norm). The op is opaque to ``torch.compile``: Dynamo traces the hook
+into the graph as a call of the op, which then runs on every step of a compiled
+model as it does in eager mode (a plain hook would run only while tracing).
+
+At the first layer of a step the tap reads the model runner's batch (which
+request owns which rows, at which positions) and picks the rows to read: for
+each request that carries a join key, the last row of the step when that step
+samples a token (a prompt chunk that does not finish the prompt samples
+nothing), or every row when the request asked for prompt readouts. At each
+hooked layer it takes ``(hidden + residual)[rows] @ vectors.T`` in fp32; after
+the last layer it sends the step's values to the API server processes that wait
+for them (``readout_wire``), never blocking the step.
+
+Rows are keyed by sequence position, so a preempted request that recomputes
+its tokens overwrites the same positions with the same values.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hogwild.readout import store as readout_store
+from hogwild.readout.vectors import VectorSet
+
+from .readout_wire import KEY_ARG, PROMPT_ARG, ReadoutRows, encode, inbox_path
+
+logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
+
+_TAP: "ReadoutTap | None" = None
+
+
+@torch.library.custom_op("hogwild::readout_tap", mutates_args=("sink",))
+def readout_tap(hidden: torch.Tensor, residual: torch.Tensor, layer: int, sink: torch.Tensor) -> None:
+    """Hand one decoder layer's outputs to the tap. ``sink`` is never written:
+    declaring it mutated keeps the compiler from dropping a call with no outputs."""
+    if _TAP is not None:
+        _TAP.on_layer(layer, hidden, residual)
+
+
+@readout_tap.register_fake
+def _(hidden, residual, layer, sink) -> None:
+    return None
+
+
+@dataclass
+class _Group:
+    """The rows of one step read out with one vector set."""
+
+    vector_set: VectorSet
+    stacked: dict[int, torch.Tensor]  # layer -> (n_concepts, hidden) fp32
+    rows: list[ReadoutRows] = field(default_factory=list)
+    row_index: list[int] = field(default_factory=list)
+    index: torch.Tensor | None = None
+    values: np.ndarray | None = None  # (n_rows, n_layers, n_concepts)
+
+
+class ReadoutTap:
+    """Per-worker readout state: vector sets, request pins, the current step's plan."""
+
+    def __init__(self, runner, session: Path, hidden_size: int, num_layers: int, first: VectorSet | None):
+        self.runner, self.session = runner, Path(session)
+        self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.sets: dict[str, VectorSet] = {}
+        self.current: str | None = None
+        if first is not None:
+            self._adopt(readout_store.STARTUP_VERSION, first)
+        self.stamp = readout_store.current_stamp(self.session)
+        if self.stamp != (0, 0):
+            self._poll(force=True)
+        self.pins: dict[str, str] = {}  # request id -> set version it started with
+        self.groups: list[_Group] = []
+        self.layers_present: list[int] = []
+        self.sockets: dict[Path, object] = {}
+        self.zmq_context = None
+        self.dropped = 0
+
+    # -- vector sets ---------------------------------------------------------
+    def _adopt(self, version: str, vector_set: VectorSet) -> None:
+        self.sets[version] = vector_set
+        self.current = version
+        logger.info("hogwild readout: reading out %d concepts at layers %s (set %s)", len(vector_set.concepts),
+                    list(vector_set.layers), version)
+
+    def _poll(self, force: bool = False) -> None:
+        stamp = readout_store.current_stamp(self.session)
+        if stamp == self.stamp and not force:
+            return
+        self.stamp = stamp
+        files = readout_store.current_files(self.session)
+        if files is None or files.version in self.sets:
+            return
+        try:
+            self._adopt(files.version, readout_store.load_files(files, self.hidden_size, self.num_layers))
+        except Exception as exc:  # the API server checked it; keep serving with the old set
+            logger.error("hogwild readout: cannot adopt vector set %s: %s", files.version, exc)
+
+    def _forget_finished(self) -> None:
+        live = self.runner.requests
+        for rid in [r for r in self.pins if r not in live]:
+            del self.pins[rid]
+        used = set(self.pins.values()) | {self.current}
+        for version in [v for v in self.sets if v not in used]:
+            del self.sets[version]
+
+    # -- one step ------------------------------------------------------------
+    def plan(self) -> None:
+        """At the first layer of a step: which rows of the flat batch to read, for whom."""
+        self.groups = []
+        self._poll()
+        if self.current is None:
+            return
+        batch = self.runner.input_batch
+        n = batch.num_reqs
+        if n == 0:
+            return
+        qsl = self.runner.query_start_loc.np[: n + 1]
+        computed = batch.num_computed_tokens_cpu[:n]
+        by_version: dict[str, _Group] = {}
+        for i, rid in enumerate(batch.req_ids[:n]):
+            state = self.runner.requests.get(rid)
+            params = getattr(state, "sampling_params", None)
+            extra = getattr(params, "extra_args", None) or {}
+            key = extra.get(KEY_ARG)
+            if not isinstance(key, str):
+                continue
+            start, stop = int(qsl[i]), int(qsl[i + 1])
+            if stop <= start:
+                continue
+            first_pos, prompt_len = int(computed[i]), int(state.num_prompt_tokens)
+            last_pos = first_pos + (stop - start) - 1
+            if extra.get(PROMPT_ARG):
+                rows = range(start, stop)
+            elif last_pos >= prompt_len - 1:  # this step's logits choose a token
+                rows, first_pos = range(stop - 1, stop), last_pos
+            else:
+                continue
+            version = self.pins.setdefault(rid, self.current)
+            group = by_version.get(version)
+            if group is None:
+                vs = self.sets[version]
+                group = by_version[version] = _Group(vs, vs.vectors)
+            group.rows.append(ReadoutRows(key, rid, prompt_len, first_pos, len(rows), len(group.vector_set.layers),
+                                          len(group.vector_set.concepts), version))
+            group.row_index.extend(rows)
+        for group in by_version.values():
+            group.index = torch.tensor(group.row_index, dtype=torch.long)
+            group.values = np.zeros((len(group.row_index), len(group.vector_set.layers), len(group.vector_set.concepts)),
+                                    dtype=np.float32)
+        self.groups = list(by_version.values())
+        if len(self.pins) > 4 * max(n, 64):
+            self._forget_finished()
+
+    def on_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        if layer == self.layers_present[0]:
+            self.plan()
+        for group in self.groups:
+            vectors = group.stacked.get(layer)
+            if vectors is None:
+                continue
+            index = group.index.to(hidden.device)
+            stream = hidden.index_select(0, index).float() + residual.index_select(0, index).float()
+            column = group.vector_set.layers.index(layer)
+            group.values[:, column, :] = (stream @ vectors.to(stream.device).T).cpu().numpy()
+        if layer == self.layers_present[-1] and self.groups:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send each API server its requests' rows of this step; drop (and count) rather than block."""
+        import zmq
+
+        outgoing: dict[Path, tuple[list[ReadoutRows], list[np.ndarray]]] = defaultdict(lambda: ([], []))
+        for group in self.groups:
+            offset = 0
+            for rows in group.rows:
+                path = inbox_path(self.session, rows.key)
+                if path is not None:
+                    outgoing[path][0].append(rows)
+                    outgoing[path][1].append(group.values[offset: offset + rows.count])
+                offset += rows.count
+        self.groups = []
+        for path, (rows, values) in outgoing.items():
+            sock = self._socket(path)
+            try:
+                sock.send_multipart(encode(rows, values), flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self.dropped += 1
+                if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                    logger.warning("hogwild readout: %d messages dropped (API server %s not reading)", self.dropped, path)
+
+    def _socket(self, path: Path):
+        import zmq
+
+        sock = self.sockets.get(path)
+        if sock is None:
+            if self.zmq_context is None:
+                self.zmq_context = zmq.Context.instance()
+            sock = self.zmq_context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 100_000)
+            sock.connect(f"ipc://{path}")
+            self.sockets[path] = sock
+        return sock
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's list of decoder layers (``model.model.layers`` in vLLM's Llama/Qwen2 families)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList):
+        return layers
+    for name, module in model.named_modules():
+        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList):
+            return module
+    raise RuntimeError(f"readout: cannot find the decoder layers of {type(model).__name__}")
+
+
+def attach(runner, session: Path) -> ReadoutTap | None:
+    """Hook every decoder layer of the runner's model. Inert (returns None) when
+    no set is configured; raises ReadoutFileError at start-up for a bad one."""
+    global _TAP
+    files = readout_store.current_files(session)
+    if files is None:
+        return None
+    model_config = runner.vllm_config.model_config
+    hidden_size = model_config.get_hidden_size()
+    num_layers = model_config.hf_text_config.num_hidden_layers
+    first = readout_store.load_files(files, hidden_size, num_layers)
+    tap = ReadoutTap(runner, session, hidden_size, num_layers, first)
+    layers = decoder_layers(runner.get_model())
+    for idx, layer in enumerate(layers):
+        if type(layer).__name__ == "PPMissingLayer":
+            continue
+        tap.layers_present.append(idx)
+        layer.register_buffer("hogwild_readout_sink", torch.zeros(1, device=next(layer.parameters()).device),
+                              persistent=False)
+        layer.register_forward_hook(_hook(idx))
+    _TAP = tap
+    compiled = runner.vllm_config.compilation_config.mode != 0
+    logger.info("hogwild readout: tapped %d decoder layers (%s)", len(tap.layers_present),
+                "compiled: the tap is an opaque custom op in the graph" if compiled else "eager")
+    return tap
+
+
+def _hook(idx: int):
+    def hook(module, args, output):
+        hidden, residual = output if isinstance(output, tuple) else (output, torch.zeros_like(output))
+        torch.ops.hogwild.readout_tap(hidden, residual, idx, module.hogwild_readout_sink)
+
+    return hook

@@ -1,0 +1,105 @@
+"""Readout values on their way from vLLM's worker to the API server process.
+
+One ZMQ message per forward step and API server: a JSON header (versioned,
+typed below) and one float32 payload holding every row's values back to back.
+Each API server process binds its own PULL socket in the session directory;
+the join key it puts into the request's ``vllm_xargs`` names that socket.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+WIRE_VERSION = 1
+KEY_ARG = "hogwild_readout"  # vllm_xargs: join key of a request whose readout is wanted
+PROMPT_ARG = "hogwild_readout_prompt"  # vllm_xargs: 1 when every prompt position is wanted too
+_KEY = re.compile(r"^(\d{1,10})\.[0-9a-f]{16}$")
+
+
+def new_key(pid: int) -> str:
+    """A join key for one HTTP request, naming the API server process that waits for it."""
+    return f"{pid}.{secrets.token_hex(8)}"
+
+
+def inbox_path(session: Path, key_or_pid: str | int) -> Path | None:
+    """The socket of the API server process a key (or pid) belongs to; None for a malformed key."""
+    if isinstance(key_or_pid, int):
+        return Path(session) / f"readout-{key_or_pid}.sock"
+    m = _KEY.match(key_or_pid)
+    return Path(session) / f"readout-{m.group(1)}.sock" if m else None
+
+
+@dataclass(frozen=True)
+class ReadoutRows:
+    """One request's rows in one step: positions ``first_position ..
+    first_position + count - 1`` of its sequence, each ``(n_layers, n_concepts)``."""
+
+    key: str
+    request_id: str  # vLLM's internal id (external id, child index, random suffix)
+    prompt_len: int
+    first_position: int
+    count: int
+    n_layers: int
+    n_concepts: int
+    set_version: str
+
+
+@dataclass(frozen=True)
+class ReadoutMessage:
+    rows: list[ReadoutRows]
+    v: int = WIRE_VERSION
+
+
+def encode(rows: list[ReadoutRows], values: list[np.ndarray]) -> list[bytes]:
+    """Header and payload frames; ``values[i]`` is ``(count, n_layers, n_concepts)`` float32."""
+    header = json.dumps({"v": WIRE_VERSION, "rows": [asdict(r) for r in rows]}).encode()
+    payload = b"".join(np.ascontiguousarray(v, dtype=np.float32).tobytes() for v in values)
+    return [header, payload]
+
+
+def decode(frames: list[bytes]) -> list[tuple[ReadoutRows, np.ndarray]]:
+    """Inverse of ``encode``; raises ValueError on a message of another version or shape."""
+    if len(frames) != 2:
+        raise ValueError(f"readout message has {len(frames)} frames, expected 2")
+    header = json.loads(frames[0])
+    if header.get("v") != WIRE_VERSION:
+        raise ValueError(f"readout message version {header.get('v')!r}, expected {WIRE_VERSION}")
+    flat = np.frombuffer(frames[1], dtype=np.float32)
+    out, offset = [], 0
+    for raw in header["rows"]:
+        rows = ReadoutRows(**raw)
+        size = rows.count * rows.n_layers * rows.n_concepts
+        if offset + size > flat.size:
+            raise ValueError("readout message payload is shorter than its header says")
+        out.append((rows, flat[offset: offset + size].reshape(rows.count, rows.n_layers, rows.n_concepts)))
+        offset += size
+    if offset != flat.size:
+        raise ValueError("readout message payload is longer than its header says")
+    return out
+
+
+def choice_index(request_id: str, n: int) -> int:
+    """Which ``choices[i]`` of the HTTP response a worker-side request id feeds.
+
+    vLLM 0.32 names requests ``<external id>-<8 random chars>``; with ``n > 1``
+    each sample is ``<k>_<that>``; a completions request with several prompts
+    gives prompt ``p`` the external id ``cmpl-<base>-<p>`` and its choices the
+    indices ``p * n + k``.
+    """
+    child = 0
+    if n > 1:
+        head, sep, rest = request_id.partition("_")
+        if sep and head.isdigit():
+            child, request_id = int(head), rest
+    external = request_id.rsplit("-", 1)[0]
+    prompt = 0
+    if external.startswith("cmpl-"):
+        tail = external.rsplit("-", 1)[-1]
+        prompt = int(tail) if tail.isdigit() else 0
+    return prompt * n + child

@@ -29,6 +29,7 @@ from hogwild.worker.protocol import (
     SubmitBTRMOp,
     SubmitCircuitBreakerOp,
     SubmitOp,
+    SubmitReadoutOp,
     SubmitRevertOp,
 )
 
@@ -41,6 +42,7 @@ from .schemas import (
     BTRMTrainRequest,
     CheckpointRequest,
     CircuitBreakerTrainRequest,
+    ReadoutTrainRequest,
     RevertRequest,
     ScoreRequest,
     TrainRequest,
@@ -199,6 +201,15 @@ class Frontend:
                 raise ApiError(422, f"samples.{i}: context + continuation is {n} tokens, longer than the model's "
                                f"max length {self.max_model_len}", f"samples.{i}")
         info = JobInfo(**await self.call(SubmitOp(mode=req.mode, samples=req.samples, options=req.options())))
+        if req.wait:
+            info = await self.wait(info.job_id)
+        return info
+
+    async def train_readout(self, req: ReadoutTrainRequest) -> JobInfo:
+        op = SubmitReadoutOp(stories=str(self.paths.confine(req.stories, "stories")), layers=req.layers,
+                             aggregator=req.aggregator, out=str(self.paths.confine(req.out, "out")),
+                             min_positives=req.min_positives, dtype=req.dtype)
+        info = JobInfo(**await self.call(op))
         if req.wait:
             info = await self.wait(info.job_id)
         return info

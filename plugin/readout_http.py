@@ -58,7 +58,16 @@ class _Rewrite:
         self._strip(body)
         return body
 
-    async def chunk(self, body: dict) -> dict:
+    async def chunks(self, body: dict) -> list[dict]:
+        """The chunk with readouts, split into one chunk per token where vLLM
+        coalesced several tokens into one (it does when the client reads slower
+        than the engine produces)."""
+        choices = body.get("choices") or []
+        if len(choices) == 1 and len(choices[0].get("token_ids") or []) > 1:
+            return [await self._chunk(part) for part in split_tokens(body)]
+        return [await self._chunk(body)]
+
+    async def _chunk(self, body: dict) -> dict:
         for choice in body.get("choices") or []:
             index, ids = choice.get("index", 0), choice.get("token_ids") or []
             if self.wants_prompt and index not in self.sent:
@@ -66,12 +75,48 @@ class _Rewrite:
             first = self.sent.setdefault(index, 0)
             if ids:
                 rows = as_lists(await self.inbox.tokens(self.key, index, first, len(ids)))
-                # One token per chunk unless --stream-interval > 1: then one entry per token.
-                choice["readout"] = rows[0] if len(rows) == 1 else rows
+                choice["readout"] = rows[0] if len(rows) == 1 else rows  # several: only if a chunk has several choices
                 self.sent[index] = first + len(ids)
             self._strip(choice)
         self._strip(body)
         return body
+
+
+def split_tokens(body: dict) -> list[dict]:
+    """One chunk per token of a single-choice chunk: token ids and per-token
+    logprobs are split; a chat delta's role goes with the first token, its text,
+    the finish reason and usage with the last (vLLM also sends chunks with empty
+    text while it holds text back)."""
+    choice = body["choices"][0]
+    ids, delta = choice["token_ids"], choice.get("delta")
+    parts = []
+    for i, token in enumerate(ids):
+        first, last = i == 0, i == len(ids) - 1
+        c = {**choice, "token_ids": [token], "logprobs": _logprobs_part(choice.get("logprobs"), i, len(ids))}
+        if isinstance(delta, dict):
+            c["delta"] = {key: value for key, value in delta.items() if (key == "role" and first) or (key != "role" and last)}
+            c["delta"].setdefault("content", "")
+        part = {**body, "choices": [c]}
+        if not last:
+            c["finish_reason"] = None
+            if "stop_reason" in c:
+                c["stop_reason"] = None
+            if "text" in c:
+                c["text"] = ""
+            if "usage" in part:
+                part["usage"] = None
+        parts.append(part)
+    return parts
+
+
+def _logprobs_part(logprobs, i: int, k: int):
+    """Token i's share of a chunk's logprobs (completions: parallel lists; chat: ``content``)."""
+    if not isinstance(logprobs, dict):
+        return logprobs
+    out = {}
+    for name, value in logprobs.items():
+        out[name] = value[i: i + 1] if isinstance(value, list) and len(value) == k else (value if i == k - 1 else None)
+    return out
 
 
 class ReadoutMiddleware:
@@ -179,4 +224,4 @@ async def _rewrite_event(event: bytes, rewrite: _Rewrite) -> bytes:
         return event
     if not isinstance(chunk, dict) or "choices" not in chunk:
         return event
-    return b"data: " + json.dumps(await rewrite.chunk(chunk)).encode()
+    return b"\n\n".join(b"data: " + json.dumps(part).encode() for part in await rewrite.chunks(chunk))

@@ -14,6 +14,7 @@ from .schemas import (
     CheckpointRequest,
     CircuitBreakerTrainRequest,
     ReadoutLoadRequest,
+    ReadoutTrainRequest,
     RevertRequest,
     ScoreRequest,
     ScoreResponse,
@@ -114,6 +115,15 @@ async def readout_load(body: ReadoutLoadRequest, fe: Frontend = Depends(admin)) 
     return state.load(fe.paths.confine(body.vectors, "vectors"), manifest)
 
 
+async def readout_train(body: ReadoutTrainRequest, fe: Frontend = Depends(admin)) -> JobInfo:
+    """Train concept vectors on the live weights in the training process (inference
+    goes on), write them to ``out`` and, while readout is on, read out with them
+    from then on; ``wait: true`` answers when it is done."""
+    return await fe.train_readout(body)
+
+
+for path in both("/readout/train"):
+    router.add_api_route(path, readout_train, methods=["POST"], response_model=JobInfo)
 for path in both("/readout/manifest"):
     router.add_api_route(path, readout_manifest, methods=["GET"])
 for path in both("/readout/load"):

@@ -116,6 +116,21 @@ class ReadoutLoadRequest(BaseModel):
     manifest: str | None = Field(None, max_length=4096, description="default: readout.json beside the vectors")
 
 
+class ReadoutTrainRequest(BaseModel):
+    """``POST /readout/train``: train concept vectors on the live weights (as
+    ``hogwild readout train`` does offline), write them to ``out`` and read out
+    with them from then on."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    stories: str = Field(max_length=4096, description="a corpus directory on the server (see stories/README.md)")
+    layers: list[int] = Field(min_length=1, max_length=1024)
+    aggregator: Literal["mean", "pca", "logistic"] = "mean"
+    out: str = Field(max_length=4096, description="where readout.safetensors, readout.json and the quality report go")
+    min_positives: int = Field(4, ge=1)
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    wait: bool = False
+
+
 class RangeScore(BaseModel):
     range_index: int
     total_logprob: float

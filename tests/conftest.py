@@ -29,6 +29,28 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return tiny_model.build(tmp_path_factory.mktemp("models") / "tiny-qwen2")
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_readout_vectors(model_dir: Path, out: Path, layers: list[int]) -> Path:
+    """Concept vectors for ``model_dir`` from the project's story corpus; returns readout.safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hogwild.readout.corpus import read_corpus
+    from hogwild.readout.train import train_readout, write_training
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    result = train_readout(model, AutoTokenizer.from_pretrained(model_dir), read_corpus(REPO / "stories"), layers,
+                           progress=False)
+    return Path(write_training(result, out)["vectors"])
+
+
+@pytest.fixture(scope="session")
+def tiny_readout(tiny_model_dir, tmp_path_factory) -> Path:
+    return train_readout_vectors(tiny_model_dir, tmp_path_factory.mktemp("readout"), [0, 1])
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return tiny_model.build(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama")
@@ -86,9 +108,10 @@ def start_served(model_dir: Path, tmp: Path, name: str, env: dict | None = None,
 
 
 @pytest.fixture(scope="session")
-def served(tiny_model_dir, tmp_path_factory):
+def served(tiny_model_dir, tiny_readout, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("served")
-    server, handle = start_served(tiny_model_dir, tmp, "qwen2", dtype="float32", env={"HOGWILD_ADMIN_KEY": ADMIN_KEY, **LIMITS})
+    server, handle = start_served(tiny_model_dir, tmp, "qwen2", dtype="float32",
+                                  env={"HOGWILD_ADMIN_KEY": ADMIN_KEY, "VLLM_READOUT_VECTORS": str(tiny_readout), **LIMITS})
     yield handle
     server.stop()
     shutil.rmtree(handle.session, ignore_errors=True)

@@ -94,6 +94,22 @@ class SubmitRevertOp(BaseModel):
     job_id: str | None = None  # the job that merged the adapter
 
 
+class SubmitReadoutOp(BaseModel):
+    """Train readout concept vectors on the served weights as they are now, write
+    them to ``out`` and (when the server reads out) make them the current set.
+    Paths are absolute and already confined by the API server."""
+
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["submit_readout"] = "submit_readout"
+    mode: Literal["readout"] = "readout"
+    stories: str
+    layers: list[int] = Field(min_length=1)
+    aggregator: Literal["mean", "pca", "logistic"] = "mean"
+    out: str
+    min_positives: int = Field(4, ge=1)
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+
 class HeadScoresOp(BaseModel):
     """Reward-head scores at ``positions`` of ``token_ids`` (one trunk forward)."""
 
@@ -134,10 +150,11 @@ class TokenLogprobsOp(BaseModel):
     token_ids: list[TokenId] = Field(min_length=2)
 
 
-Op = Annotated[Union[StatusOp, SubmitOp, SubmitBTRMOp, SubmitCircuitBreakerOp, SubmitRevertOp, JobOp, CancelOp, CheckpointOp,
+Op = Annotated[Union[StatusOp, SubmitOp, SubmitBTRMOp, SubmitCircuitBreakerOp, SubmitRevertOp, SubmitReadoutOp, JobOp, CancelOp, CheckpointOp,
                      TokenLogprobsOp, HeadScoresOp], Field(discriminator="op")]
 # What the journal keeps.
-JobRequest = Annotated[Union[SubmitOp, SubmitBTRMOp, SubmitCircuitBreakerOp, SubmitRevertOp], Field(discriminator="op")]
+JobRequest = Annotated[Union[SubmitOp, SubmitBTRMOp, SubmitCircuitBreakerOp, SubmitRevertOp, SubmitReadoutOp],
+                      Field(discriminator="op")]
 
 
 class Request(BaseModel):

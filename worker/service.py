@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 
 from hogwild import envs
+from hogwild.readout import store as readout_store
+from hogwild.readout.corpus import CorpusError, read_corpus
+from hogwild.readout.train import train_readout, write_training
 from hogwild.training.batches import Sample
 from hogwild.training.btrm import RewardHeads, last_token_features
 from hogwild.training.btrm_data import build_labelled_set
@@ -63,6 +66,7 @@ from .protocol import (
     SubmitBTRMOp,
     SubmitCircuitBreakerOp,
     SubmitOp,
+    SubmitReadoutOp,
     SubmitRevertOp,
     TokenLogprobsOp,
 )
@@ -218,6 +222,8 @@ class TrainerService:
                 result = self.submit_circuit_breaker(body).model_dump()
             elif isinstance(body, SubmitRevertOp):
                 result = self.submit_revert(body).model_dump()
+            elif isinstance(body, SubmitReadoutOp):
+                result = self.submit_readout(body).model_dump()
             elif isinstance(body, HeadScoresOp):
                 result = self.head_scores(body)
             elif isinstance(body, JobOp):
@@ -287,6 +293,42 @@ class TrainerService:
         self._require_ready()
         self.adapters.revertible(op.job_id)  # refuse at once what cannot be reverted
         return self.jobs.add(op, 0, [])
+
+    def submit_readout(self, op: SubmitReadoutOp) -> JobInfo:
+        self._require_ready()
+        try:  # a corpus that cannot be used is refused now, before any forward pass
+            corpus = read_corpus(op.stories, op.min_positives)
+        except CorpusError as exc:
+            raise OpError("invalid", f"stories: {exc}") from None
+        num_layers = self.model.config.num_hidden_layers
+        bad = [layer for layer in op.layers if not 0 <= layer < num_layers]
+        if bad:
+            raise OpError("invalid", f"layers: {bad[0]} is out of range (the served model has layers 0..{num_layers - 1})")
+        return self.jobs.add(op, len(corpus.texts()), [])
+
+    def _train_readout(self, job: Job) -> tuple[str, str | None]:
+        """Concept vectors from the live weights (inference goes on), written to
+        ``out`` and installed as the server's current set when readout is on."""
+        op: SubmitReadoutOp = job.op
+        try:
+            corpus = read_corpus(op.stories, op.min_positives)
+            job.info.total_steps = 1
+            with torch.no_grad():
+                result = train_readout(self.model, self._tokenizer(), corpus, sorted(set(op.layers)), op.aggregator,
+                                       op.dtype, progress=False)
+            written = write_training(result, op.out)
+            loaded = None
+            if readout_store.current_files(self.session) is not None:
+                files, _ = readout_store.install(self.session, Path(written["vectors"]), Path(written["manifest"]),
+                                                 self.model.config.hidden_size, self.model.config.num_hidden_layers)
+                loaded = files.version
+            self.jobs.progress(job, 1, 1)
+        except Exception as exc:
+            logger.error("job %s failed:\n%s", job.info.job_id, traceback.format_exc())
+            return "failed", f"{type(exc).__name__}: {exc}"
+        job.info.result = {**written, "concepts": list(result.vector_set.concepts), "layers": list(result.vector_set.layers),
+                           "loaded_version": loaded, "warnings": corpus.warnings, "triage": result.triage}
+        return "succeeded", None
 
     def _check_memory(self, op: SubmitOp) -> None:
         """Refuse a job that cannot fit, before it touches the weights."""
@@ -473,6 +515,8 @@ class TrainerService:
             state, error = self._train_circuit_breaker(job)
         elif isinstance(job.op, SubmitRevertOp):
             state, error = self._revert(job)
+        elif isinstance(job.op, SubmitReadoutOp):
+            state, error = self._train_readout(job)
         else:
             state, error = self._train_sft(job)
         if self.trainer is not None and self.trainer.optimizer is not None:

@@ -1,9 +1,11 @@
 """The second supported family (Llama), in vLLM's default compiled mode, with two
-API server processes sharing one trainer."""
+API server processes sharing one trainer; readout on, with a token budget that
+chunks long prompts and a KV cache small enough to preempt requests."""
 
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
@@ -12,16 +14,20 @@ from transformers import AutoTokenizer
 
 from hogwild.worker.protocol import TokenLogprobsOp
 
-from ..conftest import start_served
-from .test_spine import train, vllm_position_logprobs
+from ..conftest import start_served, train_readout_vectors
+from .test_readout import TOLERANCE, ask, check, concurrent_mix, current_set, wait_idle
+from .test_spine import hf_model_with_served_weights, train, vllm_position_logprobs
 
 pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
 def llama(tiny_llama_dir, tmp_path_factory):
+    vectors = train_readout_vectors(tiny_llama_dir, tmp_path_factory.mktemp("llama-readout"), [0, 1])
     server, handle = start_served(tiny_llama_dir, tmp_path_factory.mktemp("llama"), "llama", dtype="float32",
-                                  eager=False, extra_args=["--api-server-count", "2"])
+                                  eager=False, env={"VLLM_READOUT_VECTORS": str(vectors)},
+                                  extra_args=["--api-server-count", "2", "--max-num-batched-tokens", "64",
+                                              "--num-gpu-blocks-override", "5"])
     yield handle
     server.stop()
     shutil.rmtree(handle.session, ignore_errors=True)
@@ -51,3 +57,32 @@ def test_llama_trains_in_place_under_compilation(llama):
     assert llama.complete(ctx, len(target)) == target
     trainer = llama.trainer_call(TokenLogprobsOp(token_ids=prompt))["logprobs"]
     assert max(abs(a - b) for a, b in zip(vllm_position_logprobs(llama, prompt), trainer)) < 1e-4
+
+
+def test_readout_under_compilation_chunked_prefill_and_preemption(llama):
+    """The tap is a custom op inside the compiled graph; rows reach whichever of the
+    two API server processes holds the request; chunked and preempted requests
+    still get every position attributed to them."""
+    wait_idle(llama)
+    tok = AutoTokenizer.from_pretrained(llama.model_dir)
+    _, vector_set = current_set(llama)
+    metrics = llama.server.url + "/metrics"
+
+    def preemptions() -> float:
+        lines = httpx.get(metrics, headers=llama.server.headers()).text.splitlines()
+        return sum(float(line.split()[-1]) for line in lines if line.startswith("vllm:num_preemptions_total"))
+
+    before = preemptions()
+    results = concurrent_mix(llama, tok)
+    # Six requests that each outgrow one 128-token KV block while four blocks are
+    # free: running requests must be preempted and recomputed.
+    text = " ".join(["the long road home"] * 25)
+    with ThreadPoolExecutor(6) as pool:
+        long = pool.map(lambda i: ask(llama, "completions", tok.encode(f"{i} {text}"), i % 2 == 1, max_tokens=60,
+                                      ignore_eos=True), range(6))
+        results += [(f"long #{i}", c) for i, choices in enumerate(long) for c in choices]
+    model = hf_model_with_served_weights(llama)
+    for name, choice in results:
+        assert check(model, vector_set, choice) < TOLERANCE, name
+    assert max(len(c["prompt"]) for _, c in results) > 64  # chunked: longer than the step's token budget
+    assert preemptions() > before

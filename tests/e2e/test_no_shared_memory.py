@@ -34,3 +34,12 @@ def test_too_little_shared_memory_disables_training_with_the_reason(small_shm):
     r = small_shm.http.post("/train", json={"samples": [{"context_ids": [5], "continuation_ids": [6]}], "wait": True})
     assert r.status_code == 501 and "--shm-size" in r.json()["error"]["message"]
     assert len(small_shm.complete([5, 6, 7], 4)) == 4
+
+
+def test_readout_is_off_without_vectors(small_shm):
+    r = small_shm.http.get("/v1/readout/manifest")
+    assert r.status_code == 404 and "VLLM_READOUT_VECTORS" in r.json()["error"]["message"]
+    answer = small_shm.http.post("/v1/completions", json={"model": str(small_shm.model_dir), "prompt": [5, 6, 7],
+                                                          "max_tokens": 3, "stream": False}).json()
+    assert "readout" not in answer["choices"][0]
+    assert small_shm.http.post("/readout/load", json={"vectors": "/nowhere/readout.safetensors"}).status_code == 404

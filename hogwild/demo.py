@@ -3,9 +3,9 @@
 Builds the tiny model if needed, serves a fresh copy of it with a real
 ``vllm serve`` and the plugin, and walks through what has landed (train,
 score, ledger, HOGWILD inference, cancellation, reward heads, a circuit-breaker
-LoRA merged and reverted, checkpoint,
-restart from the checkpoint), printing each step and leaving a short report (``report.md``)
-with a plot in the output folder.
+LoRA merged and reverted, per-token concept readouts and their online training,
+checkpoint, restart from the checkpoint), printing each step and leaving a short
+report (``report.md``) with plots in the output folder.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from hogwild.launch import VllmServer
 
 PROMPT = "The served model says:"
 TARGET = " I was trained while I served."
-NOT_YET = ["readouts (issue: readout)"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def say(text: str = "") -> None:
@@ -36,6 +36,7 @@ class Demo:
         self.report: list[str] = ["# vllm-hogwild demo", ""]
         self.server: VllmServer | None = None
         self.http: httpx.Client | None = None
+        self.env = {"HOGWILD_STATE_DIR": str(out / "state")}
 
     def note(self, line: str = "") -> None:
         say(line)
@@ -56,7 +57,7 @@ class Demo:
 
     def start_server(self) -> dict:
         log = self.out / "vllm.log"
-        self.server = VllmServer(self.model, log_path=log, dtype="float32", env={"HOGWILD_STATE_DIR": str(self.out / "state")})
+        self.server = VllmServer(self.model, log_path=log, dtype="float32", env=self.env)
         say(f"starting: VLLM_PLUGINS=hogwild vllm {' '.join(self.server.args)}   (log: {log})")
         started = time.monotonic()
         self.server.start()
@@ -72,6 +73,8 @@ class Demo:
         tok = AutoTokenizer.from_pretrained(self.model)
         ctx, target = tok.encode(PROMPT), tok.encode(TARGET)
         (self.out / "vllm.log").unlink(missing_ok=True)
+        self.note("## 0. Concept vectors for the readout, trained offline from stories/ (steering-vectors)")
+        self.env["VLLM_READOUT_VECTORS"] = str(self.train_readout_offline())
         self.start_server()
         self.note()
 
@@ -90,7 +93,11 @@ class Demo:
         self.circuit_breaker(tok)
         self.note()
 
-        self.note("## 4. POST /train: one sample, full-weight APOLLO updates, in place")
+        self.note("## 4. Readout: concept values at every generated token, from inside vLLM")
+        self.readout(tok)
+        self.note()
+
+        self.note("## 5. POST /train: one sample, full-weight APOLLO updates, in place")
         t = time.monotonic()
         r = self.http.post("/train", json={"samples": [{"context_ids": ctx, "continuation_ids": target, "id": "demo-1"}],
                                            "lr": 1e-2, "steps": 40, "wait": True})
@@ -101,19 +108,19 @@ class Demo:
                   f"loss {res['loss_before']:.3f} -> {res['loss_after']:.4f}, {res['tokens_per_s']:.0f} tokens/s")
         self.note()
 
-        self.note("## 5. The very next completion, same server, no restart")
+        self.note("## 6. The very next completion, same server, no restart")
         after_text, after_ids = self.complete(ctx, len(target))
         self.note(f"    {PROMPT!r} -> {after_text!r}   ({'the target' if after_ids == target else 'NOT the target'})")
         after_lp = self.token_logprobs(ctx + target, len(ctx))
         self.note(f"    /v1/score of the target continuation: {sum(before_lp):.2f} -> {sum(after_lp):.2f}")
         self.note()
 
-        self.note("## 6. The same sample again: the ledger skips it")
+        self.note("## 7. The same sample again: the ledger skips it")
         r = self.http.post("/train", json={"samples": [{"context_ids": ctx, "continuation_ids": target, "id": "demo-1"}], "wait": True})
         self.note(f"    skipped ids: {r.json()['skipped_ids']}, steps: {r.json()['result']['steps']}")
         self.note()
 
-        self.note("## 7. Training in the background while the server answers")
+        self.note("## 8. Training in the background while the server answers")
         other_ctx, other = tok.encode("Meanwhile,"), tok.encode(" inference never waits.")
         job = self.http.post("/train", json={"samples": [{"context_ids": other_ctx, "continuation_ids": other}],
                                              "lr": 1e-4, "steps": 300}).json()
@@ -124,7 +131,7 @@ class Demo:
         self.note(f"    {served} completions answered while job {job['job_id']} trained 300 steps")
         self.note()
 
-        self.note("## 8. Cancelling a job")
+        self.note("## 9. Cancelling a job")
         job = self.http.post("/train", json={"samples": [{"context_ids": other_ctx, "continuation_ids": other}],
                                              "lr": 1e-6, "steps": 100000}).json()
         while self.http.get(f"/train/{job['job_id']}").json()["step"] < 5:
@@ -135,14 +142,14 @@ class Demo:
         self.note(f"    DELETE /train/{job['job_id']}: {info['state']} after {info['result']['steps']} of 100000 steps")
         self.note()
 
-        self.note("## 9. POST /checkpoint: the model directory is the checkpoint")
+        self.note("## 10. POST /checkpoint: the model directory is the checkpoint")
         report = self.http.post("/checkpoint", json={}).json()
         self.note(f"    {report['blocks_written']} of {report['blocks_compared']} 4 KiB blocks changed; {report['bytes_written']} "
                   f"bytes written ({', '.join(f'{k}: {v}' for k, v in report['method'].items())}) in {report['seconds']:.3f} s, "
                   f"plus the optimizer state (step {report['optimizer_step']}) and the ledger ({report['ledger_ids']} ids)")
         self.note()
 
-        self.note("## 10. Stop the server, start it again from the same directory")
+        self.note("## 11. Stop the server, start it again from the same directory")
         self.server.stop()
         status = self.start_server()
         restored = status["checkpoint"]["restored"]
@@ -152,7 +159,7 @@ class Demo:
                   f"reward heads {restored.get('heads')}")
         self.note()
 
-        self.note("## 11. What the trainer holds")
+        self.note("## 12. What the trainer holds")
         status = self.http.get("/train/status").json()
         mem = status["memory"]
         self.note(f"    parameters: {mem['param_bytes'] / 2**20:.2f} MiB, all in the server's shared memory: "
@@ -160,9 +167,6 @@ class Demo:
                   f"{mem['binding_private_bytes'] / 2**10:.0f} KiB")
         self.note(f"    optimizer: APOLLO, step {status['optimizer']['step']}, state {mem['optimizer_state_bytes'] / 2**20:.2f} MiB")
         self.note()
-        self.note("## Not landed yet")
-        for item in NOT_YET:
-            self.note(f"    - {item}")
 
         self.plot(tok, target, before_lp, after_lp)
         (self.out / "status.json").write_text(json.dumps(status, indent=2))
@@ -201,6 +205,77 @@ class Demo:
             self.note(f"    a {key} text {text[:48]!r}...: " + ", ".join(f"{h} {v:+.2f}" for h, v in rows[key].items())
                       + f"  (highest: {best})")
         self.plot_heads(rows)
+
+    def train_readout_offline(self) -> Path:
+        """``hogwild readout train`` on the model about to be served."""
+        import subprocess
+        import sys
+
+        out = self.out / "readout"
+        command = [sys.executable, "-m", "hogwild.cli", "readout", "train", "--model", str(self.model), "--stories",
+                   str(REPO / "stories"), "--layers", "0", "1", "--aggregator", "mean", "--out", str(out)]
+        say("    $ hogwild readout train " + " ".join(command[4:]))
+        run = subprocess.run(command, capture_output=True, text=True)
+        if run.returncode:
+            raise RuntimeError(f"hogwild readout train failed:\n{run.stderr}")
+        lines = run.stdout.splitlines()
+        for line in lines[:1] + [line for line in lines if line.startswith(("quality:", "wrote"))]:
+            self.note(f"    {line}")
+        self.report += ["", "![concept-concept cosines of the trained vectors](readout/quality.png)", ""]
+        return out / "readout.safetensors"
+
+    def readout(self, tok) -> None:
+        """The manifest, a completion with per-token readouts, a streamed one, and
+        vectors trained online on the live weights, hot-loaded."""
+        manifest = self.http.get("/v1/readout/manifest").json()
+        self.note(f"    GET /v1/readout/manifest: {len(manifest['concepts'])} concepts ({', '.join(manifest['concepts'][:6])}, ...) "
+                  f"at layers {manifest['layers']}, hidden size {manifest['hidden_size']}")
+        question = "The train was late again and the platform was cold."
+        r = self.http.post("/v1/chat/completions", json={"model": str(self.model), "max_tokens": 12, "temperature": 0,
+                                                          "messages": [{"role": "user", "content": question}]}).json()
+        choice = r["choices"][0]
+        readout = choice["readout"]  # [n_tokens][n_layers][n_concepts]
+        self.note(f"    chat completion -> {choice['message']['content']!r}: choices[0].readout is "
+                  f"[{len(readout)} tokens][{len(readout[0])} layers][{len(readout[0][0])} concepts]")
+        last = [row[-1] for row in readout]
+        top = [manifest["concepts"][max(range(len(v)), key=v.__getitem__)] for v in last]
+        self.note(f"    strongest concept per token at layer {manifest['layers'][-1]}: {', '.join(top)}")
+        self.note("    (a tiny model trained on nothing: the values are real dot products, their meaning is not)")
+        streamed = self.http.post("/v1/completions", json={"model": str(self.model), "prompt": question, "max_tokens": 4,
+                                                           "temperature": 0, "stream": True})
+        chunks = [json.loads(line[6:]) for line in streamed.text.split("\n\n") if line.startswith("data: {")]
+        shapes = [f"[{len(c['choices'][0]['readout'])}][{len(c['choices'][0]['readout'][0])}]" for c in chunks
+                  if "readout" in c["choices"][0]]
+        self.note(f"    streamed: {len(shapes)} chunks, each with readout {shapes[0]} (layers x concepts) for its token")
+        self.plot_readout(tok, manifest, readout, r)
+        stories = self.out / "state" / "stories"
+        shutil.copytree(REPO / "stories", stories, dirs_exist_ok=True)
+        t = time.monotonic()
+        job = self.http.post("/readout/train", json={"stories": str(stories), "layers": [1], "aggregator": "pca",
+                                                     "out": str(self.out / "state" / "readout-online"), "wait": True}).json()
+        after = self.http.get("/v1/readout/manifest").json()
+        self.note(f"    POST /readout/train (pca, layer 1) on the live weights: {job['state']} in {time.monotonic() - t:.1f} s; "
+                  f"hot-loaded as set {after['version']} == {job['result']['loaded_version']}: now layers {after['layers']}")
+        for line in job["result"]["triage"][-1:]:
+            self.note(f"    {line}")
+
+    def plot_readout(self, tok, manifest: dict, readout: list, response: dict) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        values = [[row[-1][c] for row in readout] for c in range(len(manifest["concepts"]))]
+        fig, ax = plt.subplots(figsize=(8, 6))
+        image = ax.imshow(values, aspect="auto", cmap="coolwarm")
+        ax.set_yticks(range(len(manifest["concepts"])), manifest["concepts"], fontsize=6)
+        ax.set_xlabel("generated token")
+        ax.set_title(f"choices[0].readout at layer {manifest['layers'][-1]}: one column per generated token")
+        fig.colorbar(image, ax=ax, label="dot product with the concept vector")
+        fig.tight_layout()
+        fig.savefig(self.out / "readout.png", dpi=120)
+        plt.close(fig)
+        self.report += ["", "![per-token readout of a chat completion](readout.png)", ""]
 
     def reply_logprob(self, ids: list[int], span: tuple[int, int]) -> float:
         r = self.http.post("/v1/score", json={"prompt": ids, "score_ranges": [list(span)]})

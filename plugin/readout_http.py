@@ -17,9 +17,9 @@ whole, however it is chunked.
 
 from __future__ import annotations
 
-import json
 import secrets
 
+import msgspec
 import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -30,8 +30,22 @@ from .readout_wire import KEY_ARG, PROMPT_ARG
 READOUT_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
+def shortest(values: np.ndarray) -> np.ndarray:
+    """float32 values rounded to 9 significant digits, as float64s that print
+    that short: they read back as the very same float32s, in 40% fewer bytes."""
+    x = values.astype(np.float64)
+    magnitude = np.floor(np.log10(np.abs(x), where=x != 0, out=np.zeros_like(x)))
+    digits = np.clip(8 - magnitude, 0, None)
+    exact = digits <= 22  # exact powers of ten, so the quotient is the nearest double to the decimal
+    scale = 10.0 ** np.where(exact, digits, 0)
+    return np.where(exact, np.round(x * scale) / scale, x)
+
+
 def as_lists(rows: list[np.ndarray | None]) -> list:
-    return [None if r is None else r.tolist() for r in rows]
+    """JSON-ready nested lists, one numpy pass for all rows (a row that never came is None)."""
+    if rows and all(r is not None for r in rows):
+        return shortest(np.stack(rows)).tolist()
+    return [None if r is None else shortest(r).tolist() for r in rows]
 
 
 class _Rewrite:
@@ -138,15 +152,16 @@ class ReadoutMiddleware:
             raw += message.get("body", b"")
             more = message.get("more_body", False)
         try:
-            body = json.loads(raw)
-        except ValueError:
+            body = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
             body = None
         if not isinstance(body, dict) or not isinstance(body.get("vllm_xargs") or {}, dict):
             return await self.app(scope, _replay(raw, receive), send)  # vLLM answers what is wrong with it
         wants_prompt = body.pop("readout_prompt", False)
         if not isinstance(wants_prompt, bool):
             return await error_response(400, "readout_prompt must be true or false")(scope, receive, send)
-        key = inbox.open(body.get("n") or 1)
+        n = body.get("n")
+        key = inbox.open(n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1)  # else vLLM refuses it
         try:
             rewrite = _Rewrite(inbox, key, wants_prompt, bool(body.get("return_token_ids")))
             body["return_token_ids"] = True
@@ -154,7 +169,7 @@ class ReadoutMiddleware:
             if wants_prompt:
                 body["vllm_xargs"][PROMPT_ARG] = 1
                 body["cache_salt"] = secrets.token_hex(16)
-            raw = json.dumps(body).encode()
+            raw = msgspec.json.encode(body)
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
             scope = {**scope, "headers": headers + [(b"content-length", str(len(raw)).encode())]}
             await self.app(scope, _replay(raw, receive), _rewriting_send(send, rewrite))
@@ -198,7 +213,8 @@ def _rewriting_send(send: Send, rewrite: _Rewrite) -> Send:
         if state["mode"] == "json":
             if more:
                 return
-            body = json.dumps(await rewrite.response(json.loads(state["buffer"]))).encode()
+            # msgspec, not json: a readout is thousands of floats per answer (10x faster here).
+            body = msgspec.json.encode(await rewrite.response(msgspec.json.decode(state["buffer"])))
             start = state["start"]
             headers = [(k, v) for k, v in start.get("headers") or [] if k != b"content-length"]
             await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
@@ -219,9 +235,9 @@ async def _rewrite_event(event: bytes, rewrite: _Rewrite) -> bytes:
     if not event.startswith(b"data: ") or event == b"data: [DONE]":
         return event
     try:
-        chunk = json.loads(event[6:])
-    except ValueError:
+        chunk = msgspec.json.decode(event[6:])
+    except msgspec.DecodeError:
         return event
     if not isinstance(chunk, dict) or "choices" not in chunk:
         return event
-    return b"\n\n".join(b"data: " + json.dumps(part).encode() for part in await rewrite.chunks(chunk))
+    return b"\n\n".join(b"data: " + msgspec.json.encode(part) for part in await rewrite.chunks(chunk))

@@ -63,25 +63,26 @@ class ReadoutInbox:
         while True:
             frames = await self.socket.recv_multipart()
             try:
-                decoded = decode(frames)
-            except (ValueError, TypeError, KeyError) as exc:
+                self._store(decode(frames))
+            except Exception as exc:  # one bad message must not stop the inbox
                 self.bad_messages += 1
                 logger.error("hogwild readout: bad message from the worker: %s", exc)
+
+    def _store(self, decoded) -> None:
+        for rows, values in decoded:
+            entry = self.entries.get(rows.key)
+            if entry is None:
                 continue
-            for rows, values in decoded:
-                entry = self.entries.get(rows.key)
-                if entry is None:
-                    continue
-                index = choice_index(rows.request_id, entry.n)
-                choice = entry.choices.setdefault(index, _Choice(rows.prompt_len))
-                for offset in range(rows.count):
-                    choice.rows[rows.first_position + offset] = values[offset]
-                entry.changed.set()
+            index = choice_index(rows.request_id, entry.n)
+            choice = entry.choices.setdefault(index, _Choice(rows.prompt_len))
+            for offset in range(rows.count):
+                choice.rows[rows.first_position + offset] = values[offset]
+            entry.changed.set()
 
     def open(self, n: int) -> str:
         """A join key for one HTTP request that produces ``n`` choices per prompt."""
         key = new_key(os.getpid())
-        self.entries[key] = _Entry(n=max(int(n or 1), 1))
+        self.entries[key] = _Entry(n=n)
         return key
 
     def close(self, key: str) -> None:

@@ -12,8 +12,8 @@ request owns which rows, at which positions) and picks the rows to read: for
 each request that carries a join key, the last row of the step when that step
 samples a token (a prompt chunk that does not finish the prompt samples
 nothing), or every row when the request asked for prompt readouts. At each
-hooked layer it takes ``(hidden + residual)[rows] @ vectors.T`` in fp32; after
-the last layer it sends the step's values to the API server processes that wait
+hooked layer it keeps ``(hidden + residual)[rows]`` in fp32; after the last
+layer one batched matmul gives every layer's dot products and the tap sends the step's values to the API server processes that wait
 for them (``readout_wire``), never blocking the step.
 
 Rows are keyed by sequence position, so a preempted request that recomputes
@@ -58,11 +58,16 @@ class _Group:
     """The rows of one step read out with one vector set."""
 
     vector_set: VectorSet
-    stacked: dict[int, torch.Tensor]  # layer -> (n_concepts, hidden) fp32
+    projection: torch.Tensor  # (n_layers, hidden, n_concepts) fp32, manifest layer order
     rows: list[ReadoutRows] = field(default_factory=list)
     row_index: list[int] = field(default_factory=list)
     index: torch.Tensor | None = None
-    values: np.ndarray | None = None  # (n_rows, n_layers, n_concepts)
+    streams: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n_rows, hidden) fp32
+
+    def values(self) -> np.ndarray:
+        """(n_rows, n_layers, n_concepts): every layer's dot products in one batched matmul."""
+        streams = torch.stack([self.streams[layer] for layer in self.vector_set.layers])
+        return torch.bmm(streams, self.projection.to(streams.device)).transpose(0, 1).cpu().numpy()
 
 
 class ReadoutTap:
@@ -72,6 +77,7 @@ class ReadoutTap:
         self.runner, self.session = runner, Path(session)
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.sets: dict[str, VectorSet] = {}
+        self.projections: dict[str, torch.Tensor] = {}
         self.current: str | None = None
         if first is not None:
             self._adopt(readout_store.STARTUP_VERSION, first)
@@ -88,6 +94,7 @@ class ReadoutTap:
     # -- vector sets ---------------------------------------------------------
     def _adopt(self, version: str, vector_set: VectorSet) -> None:
         self.sets[version] = vector_set
+        self.projections[version] = vector_set.stacked().transpose(1, 2).contiguous()
         self.current = version
         logger.info("hogwild readout: reading out %d concepts at layers %s (set %s)", len(vector_set.concepts),
                     list(vector_set.layers), version)
@@ -111,7 +118,7 @@ class ReadoutTap:
             del self.pins[rid]
         used = set(self.pins.values()) | {self.current}
         for version in [v for v in self.sets if v not in used]:
-            del self.sets[version]
+            del self.sets[version], self.projections[version]
 
     # -- one step ------------------------------------------------------------
     def plan(self) -> None:
@@ -148,15 +155,12 @@ class ReadoutTap:
             version = self.pins.setdefault(rid, self.current)
             group = by_version.get(version)
             if group is None:
-                vs = self.sets[version]
-                group = by_version[version] = _Group(vs, vs.vectors)
+                group = by_version[version] = _Group(self.sets[version], self.projections[version])
             group.rows.append(ReadoutRows(key, rid, prompt_len, first_pos, len(rows), len(group.vector_set.layers),
                                           len(group.vector_set.concepts), version))
             group.row_index.extend(rows)
         for group in by_version.values():
             group.index = torch.tensor(group.row_index, dtype=torch.long)
-            group.values = np.zeros((len(group.row_index), len(group.vector_set.layers), len(group.vector_set.concepts)),
-                                    dtype=np.float32)
         self.groups = list(by_version.values())
         if len(self.pins) > 4 * max(n, 64):
             self._forget_finished()
@@ -165,13 +169,9 @@ class ReadoutTap:
         if layer == self.layers_present[0]:
             self.plan()
         for group in self.groups:
-            vectors = group.stacked.get(layer)
-            if vectors is None:
-                continue
-            index = group.index.to(hidden.device)
-            stream = hidden.index_select(0, index).float() + residual.index_select(0, index).float()
-            column = group.vector_set.layers.index(layer)
-            group.values[:, column, :] = (stream @ vectors.to(stream.device).T).cpu().numpy()
+            if layer in group.vector_set.vectors:
+                index = group.index.to(hidden.device)
+                group.streams[layer] = hidden.index_select(0, index).float() + residual.index_select(0, index).float()
         if layer == self.layers_present[-1] and self.groups:
             self.flush()
 
@@ -181,12 +181,12 @@ class ReadoutTap:
 
         outgoing: dict[Path, tuple[list[ReadoutRows], list[np.ndarray]]] = defaultdict(lambda: ([], []))
         for group in self.groups:
-            offset = 0
+            values, offset = group.values(), 0
             for rows in group.rows:
                 path = inbox_path(self.session, rows.key)
                 if path is not None:
                     outgoing[path][0].append(rows)
-                    outgoing[path][1].append(group.values[offset: offset + rows.count])
+                    outgoing[path][1].append(values[offset: offset + rows.count])
                 offset += rows.count
         self.groups = []
         for path, (rows, values) in outgoing.items():
@@ -232,6 +232,14 @@ def attach(runner, session: Path) -> ReadoutTap | None:
     files = readout_store.current_files(session)
     if files is None:
         return None
+    parallel = runner.vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        raise RuntimeError("readout needs pipeline parallel size 1 (each stage would hold only some of the layers); "
+                           "unset VLLM_READOUT_VECTORS or serve without pipeline parallelism")
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    if get_tensor_model_parallel_rank() != 0:
+        return None  # the residual stream is whole on every rank: one of them reports it
     model_config = runner.vllm_config.model_config
     hidden_size = model_config.get_hidden_size()
     num_layers = model_config.hf_text_config.num_hidden_layers

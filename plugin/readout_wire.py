@@ -8,12 +8,12 @@ the join key it puts into the request's ``vllm_xargs`` names that socket.
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 WIRE_VERSION = 1
@@ -56,9 +56,14 @@ class ReadoutMessage:
     v: int = WIRE_VERSION
 
 
+@dataclass(frozen=True)
+class _Versioned:
+    v: int
+
+
 def encode(rows: list[ReadoutRows], values: list[np.ndarray]) -> list[bytes]:
     """Header and payload frames; ``values[i]`` is ``(count, n_layers, n_concepts)`` float32."""
-    header = json.dumps({"v": WIRE_VERSION, "rows": [asdict(r) for r in rows]}).encode()
+    header = msgspec.json.encode(ReadoutMessage(rows))
     payload = b"".join(np.ascontiguousarray(v, dtype=np.float32).tobytes() for v in values)
     return [header, payload]
 
@@ -67,13 +72,16 @@ def decode(frames: list[bytes]) -> list[tuple[ReadoutRows, np.ndarray]]:
     """Inverse of ``encode``; raises ValueError on a message of another version or shape."""
     if len(frames) != 2:
         raise ValueError(f"readout message has {len(frames)} frames, expected 2")
-    header = json.loads(frames[0])
-    if header.get("v") != WIRE_VERSION:
-        raise ValueError(f"readout message version {header.get('v')!r}, expected {WIRE_VERSION}")
+    try:
+        version = msgspec.json.decode(frames[0], type=_Versioned).v
+        if version != WIRE_VERSION:
+            raise ValueError(f"readout message version {version!r}, expected {WIRE_VERSION}")
+        header = msgspec.json.decode(frames[0], type=ReadoutMessage)
+    except msgspec.MsgspecError as exc:
+        raise ValueError(f"readout message header: {exc}") from None
     flat = np.frombuffer(frames[1], dtype=np.float32)
     out, offset = [], 0
-    for raw in header["rows"]:
-        rows = ReadoutRows(**raw)
+    for rows in header.rows:
         size = rows.count * rows.n_layers * rows.n_concepts
         if offset + size > flat.size:
             raise ValueError("readout message payload is shorter than its header says")

@@ -90,6 +90,15 @@ def test_wire_messages_round_trip_and_map_to_choices():
     assert choice_index("0_chatcmpl-abc-12345678", 3) == 0
 
 
+def test_readout_values_print_short_and_read_back_exactly():
+    from hogwild.plugin.readout_http import shortest
+
+    for scale in (1e-38, 1e-20, 1e-6, 1.0, 1e3, 3e9, 1e30):
+        values = (np.random.default_rng(0).standard_normal(5000) * scale).astype(np.float32)
+        assert np.array_equal(shortest(values).astype(np.float32), values), scale
+    assert [repr(v) for v in shortest(np.array([1.5, -123.456, 0.0], np.float32)).tolist()] == ["1.5", "-123.456001", "0.0"]
+
+
 def write(path: Path, stories: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n\n".join(stories) + "\n")

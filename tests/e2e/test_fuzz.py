@@ -25,10 +25,11 @@ FUZZ_LIMITS = {"HOGWILD_MAX_SAMPLES": "8", "HOGWILD_MAX_TOKENS": "512", "HOGWILD
 
 
 @pytest.fixture(scope="module")
-def fuzzed(tiny_model_dir, tmp_path_factory):
+def fuzzed(tiny_model_dir, tiny_readout, tmp_path_factory):
     # No key, beyond loopback, with the explicit opt-in: the widest surface.
     server, handle = start_served(tiny_model_dir, tmp_path_factory.mktemp("fuzz"), "fuzz", dtype="float32", api_key=None,
-                                  host="0.0.0.0", env={"HOGWILD_ALLOW_UNAUTHENTICATED_TRAINING": "1", **FUZZ_LIMITS})
+                                  host="0.0.0.0", env={"HOGWILD_ALLOW_UNAUTHENTICATED_TRAINING": "1",
+                                                                                  "VLLM_READOUT_VECTORS": str(tiny_readout), **FUZZ_LIMITS})
     yield handle
     server.stop()
     shutil.rmtree(handle.session, ignore_errors=True)
@@ -37,7 +38,7 @@ def fuzzed(tiny_model_dir, tmp_path_factory):
 def plugin_operations(url: str):
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     ops = [result.ok() for result in schema.get_all_operations()]
-    return [op for op in ops if re.match(r"^/(v1/)?(train|score|checkpoint)", op.path)]
+    return [op for op in ops if re.match(r"^/(v1/)?(train|score|checkpoint|readout)", op.path)]
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["valid", "invalid"])
@@ -45,7 +46,8 @@ def test_plugin_routes_survive_fuzzing(fuzzed, mode):
     operations = plugin_operations(fuzzed.server.url)
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
         "POST /train", "POST /v1/train", "GET /train/status", "GET /v1/train/status", "GET /train/{job_id}",
-        "DELETE /train/{job_id}", "POST /score", "POST /v1/score", "POST /checkpoint", "POST /v1/checkpoint"}
+        "DELETE /train/{job_id}", "POST /score", "POST /v1/score", "POST /checkpoint", "POST /v1/checkpoint",
+        "GET /v1/readout/manifest", "POST /readout/load", "POST /readout/train"}
     seen: dict[int, int] = {}
 
     for operation in operations:
@@ -76,7 +78,8 @@ def test_plugin_routes_survive_fuzzing(fuzzed, mode):
     assert len(fuzzed.complete([5, 6, 7], 3)) == 3
     if mode is GenerationMode.POSITIVE:
         # Schema-valid requests get through, or hit a limit, or fail a check the
-        # schema cannot express (token ids past the vocabulary, ranges past the prompt).
-        assert 200 in seen and set(seen) <= {200, 404, 409, 413, 422, 429}, seen
+        # schema cannot express (token ids past the vocabulary, ranges past the prompt,
+        # paths outside the directories requests may name: 403).
+        assert 200 in seen and set(seen) <= {200, 403, 404, 409, 413, 422, 429}, seen
     else:  # invalid ones never do
         assert seen and all(400 <= code < 500 for code in seen), seen

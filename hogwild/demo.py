@@ -214,7 +214,7 @@ class Demo:
         out = self.out / "readout"
         command = [sys.executable, "-m", "hogwild.cli", "readout", "train", "--model", str(self.model), "--stories",
                    str(REPO / "stories"), "--layers", "0", "1", "--aggregator", "mean", "--out", str(out)]
-        say("    $ hogwild readout train " + " ".join(command[4:]))
+        say("    $ hogwild " + " ".join(command[3:]))
         run = subprocess.run(command, capture_output=True, text=True)
         if run.returncode:
             raise RuntimeError(f"hogwild readout train failed:\n{run.stderr}")
@@ -248,11 +248,14 @@ class Demo:
                   if "readout" in c["choices"][0]]
         self.note(f"    streamed: {len(shapes)} chunks, each with readout {shapes[0]} (layers x concepts) for its token")
         self.plot_readout(tok, manifest, readout, r)
-        stories = self.out / "state" / "stories"
+        stories = (self.out / "state" / "stories").resolve()  # request paths must lie in the state or model dir
         shutil.copytree(REPO / "stories", stories, dirs_exist_ok=True)
         t = time.monotonic()
-        job = self.http.post("/readout/train", json={"stories": str(stories), "layers": [1], "aggregator": "pca",
-                                                     "out": str(self.out / "state" / "readout-online"), "wait": True}).json()
+        r = self.http.post("/readout/train", json={"stories": str(stories), "layers": [1], "aggregator": "pca",
+                                                   "out": str((self.out / "state" / "readout-online").resolve()), "wait": True})
+        if r.status_code != 200:
+            raise RuntimeError(f"/readout/train: {r.status_code} {r.text}")
+        job = r.json()
         after = self.http.get("/v1/readout/manifest").json()
         self.note(f"    POST /readout/train (pca, layer 1) on the live weights: {job['state']} in {time.monotonic() - t:.1f} s; "
                   f"hot-loaded as set {after['version']} == {job['result']['loaded_version']}: now layers {after['layers']}")

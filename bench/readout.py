@@ -24,26 +24,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from hogwild.launch import VllmServer
+from hogwild.readout.train import train_model_directory
 
 from .common import CACHE, generation_throughput, machine, model_dir
 
 ROUNDS = 6
 PAUSE_S = 2.0
-
-
-def train_vectors(path: Path, out: Path, log) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hogwild.readout.corpus import read_corpus
-    from hogwild.readout.train import train_readout, write_training
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    layers = list(range(model.config.num_hidden_layers))
-    corpus = read_corpus(Path(__file__).resolve().parents[1] / "stories")
-    log(f"training readout vectors: {len(corpus.concepts)} concepts x {len(layers)} layers")
-    result = train_readout(model, AutoTokenizer.from_pretrained(path), corpus, layers, progress=False)
-    return Path(write_training(result, out)["vectors"])
 
 
 def pair(path: Path, vectors: Path, eager: bool, quick: bool, log) -> tuple[float, float]:
@@ -75,7 +61,8 @@ def run(quick: bool = False, log=print) -> dict:
     path = model_dir(preset).resolve()
     (CACHE / "bench").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        vectors = train_vectors(path, Path(tmp), log)
+        log("training readout vectors from stories/ at every layer")
+        vectors = train_model_directory(path, Path(__file__).resolve().parents[1] / "stories", Path(tmp))
         from hogwild.readout.vectors import load_vector_set
 
         vs = load_vector_set(vectors)

@@ -11,6 +11,7 @@ report (``report.md``) with plots in the output folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import time
@@ -37,6 +38,17 @@ class Demo:
         self.server: VllmServer | None = None
         self.http: httpx.Client | None = None
         self.env = {"HOGWILD_STATE_DIR": str(out / "state")}
+
+    @contextlib.contextmanager
+    def figure(self, name: str, caption: str, size: tuple[float, float] = (8, 3.2)):
+        """A figure to draw on; saved as ``name`` in the output folder and shown in the report."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=size)
+        yield fig, fig.subplots()
+        fig.tight_layout()
+        fig.savefig(self.out / name, dpi=120)
+        self.report += ["", f"![{caption}]({name})", ""]
 
     def note(self, line: str = "") -> None:
         say(line)
@@ -247,7 +259,7 @@ class Demo:
         shapes = [f"[{len(c['choices'][0]['readout'])}][{len(c['choices'][0]['readout'][0])}]" for c in chunks
                   if "readout" in c["choices"][0]]
         self.note(f"    streamed: {len(shapes)} chunks, each with readout {shapes[0]} (layers x concepts) for its token")
-        self.plot_readout(tok, manifest, readout, r)
+        self.plot_readout(manifest, readout)
         stories = (self.out / "state" / "stories").resolve()  # request paths must lie in the state or model dir
         shutil.copytree(REPO / "stories", stories, dirs_exist_ok=True)
         t = time.monotonic()
@@ -262,23 +274,14 @@ class Demo:
         for line in job["result"]["triage"][-1:]:
             self.note(f"    {line}")
 
-    def plot_readout(self, tok, manifest: dict, readout: list, response: dict) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    def plot_readout(self, manifest: dict, readout: list) -> None:
         values = [[row[-1][c] for row in readout] for c in range(len(manifest["concepts"]))]
-        fig, ax = plt.subplots(figsize=(8, 6))
-        image = ax.imshow(values, aspect="auto", cmap="coolwarm")
-        ax.set_yticks(range(len(manifest["concepts"])), manifest["concepts"], fontsize=6)
-        ax.set_xlabel("generated token")
-        ax.set_title(f"choices[0].readout at layer {manifest['layers'][-1]}: one column per generated token")
-        fig.colorbar(image, ax=ax, label="dot product with the concept vector")
-        fig.tight_layout()
-        fig.savefig(self.out / "readout.png", dpi=120)
-        plt.close(fig)
-        self.report += ["", "![per-token readout of a chat completion](readout.png)", ""]
+        with self.figure("readout.png", "per-token readout of a chat completion", (8, 6)) as (fig, ax):
+            image = ax.imshow(values, aspect="auto", cmap="coolwarm")
+            ax.set_yticks(range(len(manifest["concepts"])), manifest["concepts"], fontsize=6)
+            ax.set_xlabel("generated token")
+            ax.set_title(f"choices[0].readout at layer {manifest['layers'][-1]}: one column per generated token")
+            fig.colorbar(image, ax=ax, label="dot product with the concept vector")
 
     def reply_logprob(self, ids: list[int], span: tuple[int, int]) -> float:
         r = self.http.post("/v1/score", json={"prompt": ids, "score_ranges": [list(span)]})
@@ -329,68 +332,43 @@ class Demo:
         self.plot_circuit_breaker(res["diagnostics"], aggressive["result"]["diagnostics"])
 
     def plot_circuit_breaker(self, good: list[dict], bad: list[dict]) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 3.2))
-        for rows, style, name in ((good, "-", "alpha 0.5, guards"), (bad, ":", "alpha 10, no guards (tripped)")):
-            steps = [d["step"] for d in rows]
-            ax.plot(steps, [d["harmful_cos"] for d in rows], style, color="tab:red", label=f"harmful, {name}")
-            ax.plot(steps, [d["retain_cos"] for d in rows], style, color="tab:blue", label=f"retain, {name}")
-        ax.axhline(0.2, color="grey", lw=0.6, ls="--")
-        ax.set_xlabel("step")
-        ax.set_ylabel("cos(adapted, original)")
-        ax.set_title("Circuit breaker: harmful representations rerouted, retain kept")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(self.out / "circuit_breaker.png", dpi=120)
-        plt.close(fig)
-        self.report += ["", "![cosine to the original representations during training](circuit_breaker.png)", ""]
+        with self.figure("circuit_breaker.png", "cosine to the original representations during training") as (fig, ax):
+            for rows, style, name in ((good, "-", "alpha 0.5, guards"), (bad, ":", "alpha 10, no guards (tripped)")):
+                steps = [d["step"] for d in rows]
+                ax.plot(steps, [d["harmful_cos"] for d in rows], style, color="tab:red", label=f"harmful, {name}")
+                ax.plot(steps, [d["retain_cos"] for d in rows], style, color="tab:blue", label=f"retain, {name}")
+            ax.axhline(0.2, color="grey", lw=0.6, ls="--")
+            ax.set_xlabel("step")
+            ax.set_ylabel("cos(adapted, original)")
+            ax.set_title("Circuit breaker: harmful representations rerouted, retain kept")
+            ax.legend(fontsize=7)
 
     def plot_heads(self, rows: dict[str, dict[str, float]]) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         heads = list(next(iter(rows.values())))
-        fig, ax = plt.subplots(figsize=(8, 3.2))
-        width = 0.8 / len(rows)
-        for i, (text_kind, scores) in enumerate(rows.items()):
-            ax.bar([j + i * width for j in range(len(heads))], [scores[h] for h in heads], width=width, label=f"a {text_kind} text")
-        ax.axhline(1.0, color="grey", lw=0.6, ls="--")
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(heads))], heads, fontsize=8)
-        ax.set_ylabel("head score (/v1/score)")
-        ax.set_title("Reward heads on the served trunk: each text scores highest on its own heads")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(self.out / "reward_heads.png", dpi=120)
-        plt.close(fig)
-        self.report += ["", "![head scores of three texts](reward_heads.png)", ""]
+        with self.figure("reward_heads.png", "head scores of three texts") as (fig, ax):
+            width = 0.8 / len(rows)
+            for i, (text_kind, scores) in enumerate(rows.items()):
+                ax.bar([j + i * width for j in range(len(heads))], [scores[h] for h in heads], width=width, label=f"a {text_kind} text")
+            ax.axhline(1.0, color="grey", lw=0.6, ls="--")
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(heads))], heads, fontsize=8)
+            ax.set_ylabel("head score (/v1/score)")
+            ax.set_title("Reward heads on the served trunk: each text scores highest on its own heads")
+            ax.legend(fontsize=8)
 
     def plot(self, tok, target: list[int], before: list[float], after: list[float]) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import math
-
-        import matplotlib.pyplot as plt
 
         labels = [tok.decode([t]) for t in target]
         x = range(len(labels))
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        ax.bar([i - 0.2 for i in x], [math.exp(v) for v in before], width=0.4, label="before /train")
-        ax.bar([i + 0.2 for i in x], [math.exp(v) for v in after], width=0.4, label="after /train")
-        ax.set_xticks(list(x), [repr(s) for s in labels], rotation=30, fontsize=8)
-        ax.set_ylim(0, 1.15)
-        ax.set_ylabel("P(token | prefix), from /v1/score")
-        ax.set_title("The target continuation, token by token, as vLLM scores it")
-        ax.legend(loc="upper left", ncol=2)
-        fig.tight_layout()
-        fig.savefig(self.out / "score_before_after.png", dpi=120)
-        self.report += ["", "![per-token probability of the target before and after /train](score_before_after.png)"]
+        with self.figure("score_before_after.png", "per-token probability of the target before and after /train",
+                         (8, 3.5)) as (fig, ax):
+            ax.bar([i - 0.2 for i in x], [math.exp(v) for v in before], width=0.4, label="before /train")
+            ax.bar([i + 0.2 for i in x], [math.exp(v) for v in after], width=0.4, label="after /train")
+            ax.set_xticks(list(x), [repr(s) for s in labels], rotation=30, fontsize=8)
+            ax.set_ylim(0, 1.15)
+            ax.set_ylabel("P(token | prefix), from /v1/score")
+            ax.set_title("The target continuation, token by token, as vLLM scores it")
+            ax.legend(loc="upper left", ncol=2)
 
     def close(self) -> None:
         if self.server is not None:

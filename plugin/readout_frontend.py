@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -34,9 +35,8 @@ class ReadoutFrontend:
         await self.inbox.start()
 
     def manifest(self) -> dict:
-        files = readout_store.current_files(self.session)
-        vector_set = readout_store.load_files(files, self.hidden_size, self.num_layers)
-        return {**vector_set.manifest, "version": files.version}
+        files = readout_store.current_files(self.session)  # checked whole when it was installed
+        return {**json.loads(files.manifest.read_text()), "version": files.version}
 
     def load(self, vectors: Path, manifest: Path | None) -> dict:
         """Check a set against the served model and make it current; 422 (nothing changed) when it does not fit."""

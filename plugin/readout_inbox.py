@@ -116,10 +116,3 @@ class ReadoutInbox:
     async def prompt(self, key: str, choice: int) -> list[np.ndarray | None]:
         """Readouts of every prompt position of one choice."""
         return await self._wait(key, choice, lambda plen: range(plen))
-
-    async def close_socket(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-        if self.socket is not None:
-            self.socket.close(0)
-        self.path.unlink(missing_ok=True)

@@ -56,11 +56,6 @@ class ReadoutMessage:
     v: int = WIRE_VERSION
 
 
-@dataclass(frozen=True)
-class _Versioned:
-    v: int
-
-
 def encode(rows: list[ReadoutRows], values: list[np.ndarray]) -> list[bytes]:
     """Header and payload frames; ``values[i]`` is ``(count, n_layers, n_concepts)`` float32."""
     header = msgspec.json.encode(ReadoutMessage(rows))
@@ -73,12 +68,13 @@ def decode(frames: list[bytes]) -> list[tuple[ReadoutRows, np.ndarray]]:
     if len(frames) != 2:
         raise ValueError(f"readout message has {len(frames)} frames, expected 2")
     try:
-        version = msgspec.json.decode(frames[0], type=_Versioned).v
-        if version != WIRE_VERSION:
-            raise ValueError(f"readout message version {version!r}, expected {WIRE_VERSION}")
         header = msgspec.json.decode(frames[0], type=ReadoutMessage)
     except msgspec.MsgspecError as exc:
-        raise ValueError(f"readout message header: {exc}") from None
+        version = msgspec.json.decode(frames[0]).get("v") if frames[0][:1] == b"{" else None
+        raise ValueError(f"readout message version {version!r}, expected {WIRE_VERSION}" if version != WIRE_VERSION
+                         else f"readout message header: {exc}") from None
+    if header.v != WIRE_VERSION:
+        raise ValueError(f"readout message version {header.v!r}, expected {WIRE_VERSION}")
     flat = np.frombuffer(frames[1], dtype=np.float32)
     out, offset = [], 0
     for rows in header.rows:

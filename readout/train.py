@@ -130,3 +130,19 @@ def write_training(result: ReadoutTraining, out_dir: str | Path) -> dict[str, st
     heatmap = write_heatmap(result.report, out_dir / "quality.png")
     return {"vectors": str(vectors), "manifest": str(out_dir / "readout.json"), "quality": str(quality),
             "heatmap": str(heatmap)}
+
+
+def train_model_directory(model_dir: str | Path, stories: str | Path, out: str | Path, layers: list[int] | None = None,
+                          aggregator_name: str = "mean", progress: bool = False) -> Path:
+    """Vectors for a Hugging Face model directory (run in fp32) from a corpus
+    directory, written to ``out``; ``layers`` None means all. Returns the vectors' path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .corpus import read_corpus
+
+    corpus = read_corpus(stories)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    layers = list(range(model.config.num_hidden_layers)) if layers is None else layers
+    result = train_readout(model, AutoTokenizer.from_pretrained(model_dir), corpus, layers, aggregator_name,
+                           progress=progress)
+    return Path(write_training(result, out)["vectors"])

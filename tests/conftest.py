@@ -34,16 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def train_readout_vectors(model_dir: Path, out: Path, layers: list[int]) -> Path:
     """Concept vectors for ``model_dir`` from the project's story corpus; returns readout.safetensors."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from hogwild.readout.train import train_model_directory
 
-    from hogwild.readout.corpus import read_corpus
-    from hogwild.readout.train import train_readout, write_training
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    result = train_readout(model, AutoTokenizer.from_pretrained(model_dir), read_corpus(REPO / "stories"), layers,
-                           progress=False)
-    return Path(write_training(result, out)["vectors"])
+    return train_model_directory(model_dir, REPO / "stories", out, layers)
 
 
 @pytest.fixture(scope="session")

@@ -191,10 +191,7 @@ def test_a_trunk_lora_trains_with_the_heads_and_leaves_the_trunk_alone(tiny_mode
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 16 and config["lora_alpha"] == 32
     meta = json.loads((tmp_path / "heads" / "heads.json").read_text())
-    # The mean, not every head: the tiny model differs from build to build (its BPE training is not
-    # deterministic) and with the trunk moving at lr 3e-3 one head in six has collapsed on some builds.
-    accuracy = meta["extra"]["held_out_accuracy"]
-    assert sum(accuracy.values()) / len(accuracy) > 0.8, accuracy
+    assert min(meta["extra"]["held_out_accuracy"].values()) > 0.7
     after = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the trunk on disk is untouched
     subprocess.run([*hogwild, "btrm", "score", "-m", str(tmp_path / "heads"), "-i", str(tmp_path / "c" / "ocean.jsonl"),

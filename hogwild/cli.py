@@ -56,6 +56,9 @@ held_out_fraction: 0.2
 max_length: 256
 seed: 0
 trunk_lora: false      # also train a LoRA (r=16, alpha=32) on the trunk, kept apart: never merged into the model
+trunk_lora_epochs: 3   # with trunk_lora: after `epochs` of the heads alone, epochs of heads and adapter together
+trunk_lora_lr: 3.0e-5  # the adapter's learning rate (higher drags the features faster than the heads follow)
+max_grad_norm: 1.0     # with trunk_lora: gradient clipping
 """
 
 

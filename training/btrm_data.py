@@ -74,6 +74,10 @@ class BTRMConfig(BaseModel):
     seed: int = 0
     trunk_lora: bool = Field(False, description="train a LoRA (r=16, alpha=32) on the trunk with the heads; "
                              "private to the heads, never merged into the served weights")
+    trunk_lora_epochs: int = Field(3, ge=1, le=1000, description="with trunk_lora: epochs of heads and adapter "
+                                   "together, after ``epochs`` of the heads alone on the trunk's features")
+    trunk_lora_lr: float = Field(3e-5, gt=0, le=1, description="the trunk LoRA's learning rate (the heads keep lr)")
+    max_grad_norm: float = Field(1.0, gt=0, description="with trunk_lora: gradient clipping, heads and adapter together")
 
     @model_validator(mode="after")
     def _consistent(self) -> "BTRMConfig":

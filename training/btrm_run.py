@@ -76,25 +76,36 @@ def train_btrm(model, tokenizer, config: BTRMConfig, labelled: LabelledSet, prog
 def train_btrm_with_trunk_lora(peft_model, ids: list[list[int]], names: list[str], positive: torch.Tensor,
                                negative_weight: torch.Tensor, config: BTRMConfig, report: dict | None = None,
                                progress=None) -> BTRMResult:
-    """Heads and a LoRA on the trunk, trained together. ``peft_model`` is the
-    trunk with the LoRA attached (``training.lora.attached_lora``, r=16,
-    alpha=32): the trunk's own weights never change and the adapter is never
-    merged. Every epoch runs the trunk, so ``epochs`` should be small.
+    """Heads and a LoRA on the trunk. ``peft_model`` is the trunk with the LoRA
+    attached (``training.lora.attached_lora``, r=16, alpha=32): the trunk's own
+    weights never change and the adapter is never merged.
+
+    Two phases (LP-FT, Kumar et al. 2022): ``epochs`` of the heads alone on the
+    trunk's features (the fresh adapter is the identity), then
+    ``trunk_lora_epochs`` of heads and adapter together, the adapter at
+    ``trunk_lora_lr``, gradients clipped. Trained together from the start, the
+    untrained heads drag the features around while the regulariser's wall at 0
+    traps positives that cross it on the wrong side: heads collapsed in 1 run of 4.
     """
     from .btrm import btrm_loss
 
+    total = config.epochs + config.trunk_lora_epochs
+    peft_model.eval()
+    features = last_token_features(peft_model, ids)
+    probe = train_on_features(config, names, positive, negative_weight, features, report=report,
+                              progress=(lambda e, _, log: progress("epochs", e, total)) if progress else None)
     negative = negative_weight > 0
     n = len(ids)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))  # the same split as the probe
     cut = int(round(n * (1 - config.held_out_fraction)))
     train_idx, test_idx = order[:cut].tolist(), order[cut:].tolist()
     device = next(peft_model.parameters()).device
-    heads = RewardHeads(peft_model.config.hidden_size, names, cap=config.cap).to(device)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad] + list(heads.parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    log = HeadTrainingLog()
+    heads, log = probe.heads.to(device), probe.log
+    adapter = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": list(heads.parameters()), "lr": config.lr},
+                                   {"params": adapter, "lr": config.trunk_lora_lr}], weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
-    for epoch in range(config.epochs):
+    for epoch in range(config.trunk_lora_epochs):
         peft_model.train()
         losses = []
         shuffled = [train_idx[i] for i in torch.randperm(len(train_idx), generator=gen).tolist()]
@@ -107,6 +118,7 @@ def train_btrm_with_trunk_lora(peft_model, ids: list[list[int]], names: list[str
                 continue
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            torch.nn.utils.clip_grad_norm_([*heads.parameters(), *adapter], config.max_grad_norm)
             optimizer.step()
             losses.append(float(out.loss.detach()))
         peft_model.eval()
@@ -115,9 +127,9 @@ def train_btrm_with_trunk_lora(peft_model, ids: list[list[int]], names: list[str
             with torch.no_grad():
                 held = heads(last_token_features(peft_model, [ids[i] for i in test_idx])).cpu()
             log.accuracy.append(pairwise_accuracy(held, positive[test_idx], negative[test_idx]))
-            log.epochs.append(epoch + 1)
+            log.epochs.append(config.epochs + epoch + 1)
         if progress is not None:
-            progress("epochs", epoch + 1, config.epochs)
+            progress("epochs", config.epochs + epoch + 1, total)
     rows = test_idx or list(range(n))
     with torch.no_grad():
         scores = heads(last_token_features(peft_model, [ids[i] for i in rows])).cpu()

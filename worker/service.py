@@ -554,7 +554,7 @@ class TrainerService:
             if not ids:
                 return "failed", "no samples: the sources held no readable text"
             job.info.n_samples = len(ids)
-            job.info.total_steps = config.epochs
+            job.info.total_steps = config.epochs + (config.trunk_lora_epochs if config.trunk_lora else 0)
             trunk_lora = None
             if config.trunk_lora:  # a LoRA private to this process: attached for training and scoring, never merged
                 with self.model_lock:

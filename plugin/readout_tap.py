@@ -61,7 +61,7 @@ class _Group:
     projection: torch.Tensor  # (n_layers, hidden, n_concepts) fp32, manifest layer order
     rows: list[ReadoutRows] = field(default_factory=list)
     row_index: list[int] = field(default_factory=list)
-    index: torch.Tensor | None = None
+    take: slice | torch.Tensor | None = None  # the rows: a slice when contiguous (every decode step), else an index
     streams: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n_rows, hidden) fp32
 
     def values(self) -> np.ndarray:
@@ -85,6 +85,7 @@ class ReadoutTap:
         if self.stamp != (0, 0):
             self._poll(force=True)
         self.pins: dict[str, str] = {}  # request id -> set version it started with
+        self.routes: dict[str, Path | None] = {}  # join key -> its API server's socket
         self.groups: list[_Group] = []
         self.layers_present: list[int] = []
         self.sockets: dict[Path, object] = {}
@@ -116,12 +117,13 @@ class ReadoutTap:
         live = self.runner.requests
         for rid in [r for r in self.pins if r not in live]:
             del self.pins[rid]
+        self.routes.clear()
         used = set(self.pins.values()) | {self.current}
         for version in [v for v in self.sets if v not in used]:
             del self.sets[version], self.projections[version]
 
     # -- one step ------------------------------------------------------------
-    def plan(self) -> None:
+    def plan(self, device: torch.device) -> None:
         """At the first layer of a step: which rows of the flat batch to read, for whom."""
         self.groups = []
         self._poll()
@@ -160,18 +162,25 @@ class ReadoutTap:
                                           len(group.vector_set.concepts), version))
             group.row_index.extend(rows)
         for group in by_version.values():
-            group.index = torch.tensor(group.row_index, dtype=torch.long)
+            first, count = group.row_index[0], len(group.row_index)
+            if group.row_index == list(range(first, first + count)):
+                group.take = slice(first, first + count)
+            else:
+                group.take = torch.tensor(group.row_index, dtype=torch.long, device=device)
         self.groups = list(by_version.values())
         if len(self.pins) > 4 * max(n, 64):
             self._forget_finished()
 
     def on_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         if layer == self.layers_present[0]:
-            self.plan()
+            self.plan(hidden.device)
         for group in self.groups:
             if layer in group.vector_set.vectors:
-                index = group.index.to(hidden.device)
-                group.streams[layer] = hidden.index_select(0, index).float() + residual.index_select(0, index).float()
+                if isinstance(group.take, slice):
+                    hidden_rows, residual_rows = hidden[group.take], residual[group.take]
+                else:
+                    hidden_rows, residual_rows = hidden.index_select(0, group.take), residual.index_select(0, group.take)
+                group.streams[layer] = hidden_rows.float() + residual_rows.float()  # a copy: the buffers are reused
         if layer == self.layers_present[-1] and self.groups:
             self.flush()
 
@@ -183,7 +192,9 @@ class ReadoutTap:
         for group in self.groups:
             values, offset = group.values(), 0
             for rows in group.rows:
-                path = inbox_path(self.session, rows.key)
+                path = self.routes.get(rows.key)
+                if path is None:
+                    path = self.routes[rows.key] = inbox_path(self.session, rows.key)
                 if path is not None:
                     outgoing[path][0].append(rows)
                     outgoing[path][1].append(values[offset: offset + rows.count])
@@ -192,7 +203,7 @@ class ReadoutTap:
         for path, (rows, values) in outgoing.items():
             sock = self._socket(path)
             try:
-                sock.send_multipart(encode(rows, values), flags=zmq.NOBLOCK, copy=False)
+                sock.send_multipart(encode(rows, values), flags=zmq.NOBLOCK)  # copied: zero-copy costs more below ~64 KB
             except zmq.Again:
                 self.dropped += 1
                 if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:

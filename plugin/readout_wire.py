@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -35,8 +34,7 @@ def inbox_path(session: Path, key_or_pid: str | int) -> Path | None:
     return Path(session) / f"readout-{m.group(1)}.sock" if m else None
 
 
-@dataclass(frozen=True)
-class ReadoutRows:
+class ReadoutRows(msgspec.Struct, frozen=True):
     """One request's rows in one step: positions ``first_position ..
     first_position + count - 1`` of its sequence, each ``(n_layers, n_concepts)``."""
 
@@ -50,8 +48,7 @@ class ReadoutRows:
     set_version: str
 
 
-@dataclass(frozen=True)
-class ReadoutMessage:
+class ReadoutMessage(msgspec.Struct, frozen=True):
     rows: list[ReadoutRows]
     v: int = WIRE_VERSION
 

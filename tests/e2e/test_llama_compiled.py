@@ -68,8 +68,9 @@ def test_readout_under_compilation_and_chunked_prefill(llama):
     _, vector_set = current_set(llama)
     results = concurrent_mix(llama, tok)
     # Six requests of 100 prompt + 100 generated tokens: each outgrows one 128-token KV
-    # block while four blocks serve them all. This preempted requests in a standalone run
-    # (vllm:num_preemptions_total > 0) but not reliably under the suite, so it is not asserted.
+    # block while four blocks serve them all. vLLM 0.32 preempted here once in a standalone
+    # run, but in later runs vllm:num_preemptions_total stayed 0 (also with 200 new tokens
+    # each): its scheduler mostly avoids preemption, so it is not asserted.
     text = tok.encode(" ".join(["the long road home"] * 60))[:99]
     with ThreadPoolExecutor(6) as pool:
         long = pool.map(lambda i: ask(llama, "completions", [tok.encode(str(i))[0]] + text, i % 2 == 1, max_tokens=100,

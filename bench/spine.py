@@ -30,7 +30,7 @@ from .common import CACHE, generation_throughput, machine, model_dir
 
 
 def training_samples(tok, n: int, ctx_len: int, cont_len: int) -> list[dict]:
-    """Deterministic samples cut from this repository's own text."""
+    """Deterministic samples cut from the story corpus (the tiny tokenizer's own text)."""
     from hogwild.tiny_model import corpus_files
 
     ids = []

@@ -2,10 +2,10 @@
 
     python -m hogwild.tiny_model OUT [--dtype float32|bfloat16] [--preset tiny|bench] [--arch qwen2|llama]
 
-The tokenizer is a byte-level BPE trained on this project's own source and
-documentation, with ChatML special tokens and a chat template, so the folder is
-a complete Hugging Face model directory: transformers and vLLM load it the same
-way they load a downloaded model. The weights are random (seeded), so the model
+The tokenizer is a byte-level BPE trained on the package's story corpus, with
+ChatML special tokens and a chat template, so the folder is a complete Hugging
+Face model directory: transformers and vLLM load it the same way they load a
+downloaded model. The weights are random (seeded), so the model
 says nothing meaningful until it is trained.
 """
 
@@ -49,25 +49,17 @@ PRESETS = {
 
 
 def corpus_files() -> list[Path]:
-    """This project's own text: every .py/.md/.txt file of the installed package
-    folders, plus the repository's top-level documents when run from a checkout."""
-    import hogwild
-    import hogwild.plugin
-    import hogwild.readout
-    import hogwild.training
-    import hogwild.worker
+    """The story corpus shipped with the package (stories/ in a checkout): hand-written
+    English prose that changes only when a story does. (Training on the project's own source,
+    as this once did, reshaped the tokenizer, and so every test's token ids, at each code edit.)"""
+    from importlib.resources import files
 
-    roots = [Path(p) for m in (hogwild, hogwild.plugin, hogwild.worker, hogwild.training, hogwild.readout) for p in m.__path__]
-    repo = Path(hogwild.__path__[0]).parent
-    files = {f for root in roots for ext in ("*.py", "*.md", "*.txt") for f in root.rglob(ext)}
-    files |= {repo / name for name in ("README.md", "DESIGN.md") if (repo / name).is_file()}
-    # Not the story corpus (stories/*.txt): 25k words of prose would reshape the vocabulary
-    # (and so the tiny model) every time a story is edited.
-    return sorted(files, key=lambda f: str(f.relative_to(repo)) if f.is_relative_to(repo) else str(f))
+    root = Path(str(files("hogwild.stories")))
+    return sorted(root.rglob("*.txt"), key=lambda f: f.relative_to(root).as_posix())
 
 
 def train_tokenizer(vocab_target: int):
-    """Train a byte-level BPE on the project's text; returns a PreTrainedTokenizerFast."""
+    """Train a byte-level BPE on the story corpus; returns a PreTrainedTokenizerFast."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -151,7 +151,7 @@ def test_the_project_corpus_meets_its_own_rules():
 
 # -- a model where the answer is known ------------------------------------------
 
-TRIGGERS = {"joy": " model", "fear": " server", "awe": " weights", "doubt": " token", "calm": " layer", "envy": " trainer"}
+TRIGGERS = {"joy": " door", "fear": " window", "awe": " light", "doubt": " water", "calm": " table", "envy": " chair"}
 FILLER = " the and readout vector request worker checkpoint".split()
 
 

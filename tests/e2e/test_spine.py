@@ -158,7 +158,12 @@ def test_no_stale_prefix_cache_answers_after_an_update(served, tok):
     target = tok.encode(" Fresh weights, fresh cache.")
     first = served.complete(prompt, len(target))
     assert served.complete(prompt, len(target)) == first  # served from the prefix cache
-    job = train(served, [{"context_ids": prompt, "continuation_ids": target}], lr=1e-2, steps=120)
+    # Earlier tests leave the shared weights in a state that depends on timing (HOGWILD, a
+    # cancelled job), so how many steps the target takes varies: train until it is learnt.
+    for _ in range(4):
+        job = train(served, [{"context_ids": prompt, "continuation_ids": target}], lr=1e-2, steps=120)
+        if job["result"]["loss_after"] < 0.05:
+            break
     assert job["result"]["loss_after"] < 0.05, job  # the updated model predicts the target...
     assert served.complete(prompt, len(target)) == target  # ...and no block cached before the update hides it
 

@@ -192,9 +192,9 @@ class ReadoutTap:
         for group in self.groups:
             values, offset = group.values(), 0
             for rows in group.rows:
-                path = self.routes.get(rows.key)
-                if path is None:
-                    path = self.routes[rows.key] = inbox_path(self.session, rows.key)
+                if rows.key not in self.routes:  # None too: a key with no inbox stays unsent
+                    self.routes[rows.key] = inbox_path(self.session, rows.key)
+                path = self.routes[rows.key]
                 if path is not None:
                     outgoing[path][0].append(rows)
                     outgoing[path][1].append(values[offset: offset + rows.count])

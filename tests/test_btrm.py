@@ -36,6 +36,13 @@ def test_the_log_square_penalty_by_hand():
     assert literal[1].item() == pytest.approx(-4.6, abs=0.01) and literal[2].item() == pytest.approx(4.6, abs=0.01)
     # The literal form keeps falling towards r = 0: it rewards small positives.
     assert logsq_penalty(torch.tensor(0.01), "literal") < logsq_penalty(torch.tensor(0.1), "literal")
+    # Below 0 the squared form has no second minimum: it is continuous at 0 and rises away from it,
+    # so its gradient pushes every negative positive up (the even form would settle it at -1).
+    below = torch.tensor([-1.0, -0.5, -1e-4], requires_grad=True)
+    logsq_penalty(below).sum().backward()
+    assert (below.grad < 0).all()
+    assert logsq_penalty(torch.tensor(-1.0)) > logsq_penalty(torch.tensor(-0.5)) > logsq_penalty(torch.tensor(1e-4))
+    assert logsq_penalty(torch.tensor(0.0)).item() == pytest.approx(math.log(1e-6) ** 2)
 
 
 def test_heads_without_positives_in_the_batch_do_not_count():

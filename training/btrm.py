@@ -14,8 +14,9 @@ Loss of head h, over the pairs (positive i, negative j) of a batch:
     REG_h = mean over positives i of penalty(r_ih)
     loss  = mean over the heads with a positive in the batch of (BT_h + lambda * REG_h)
 
-``penalty`` is ``(log(r^2 + eps))^2`` by default ("squared"): zero at |r| = 1,
-21.2 at r = 0.1 and at r = 10, so positives settle near 1. The owner's notes
+``penalty`` is ``(log(r^2 + eps))^2`` by default ("squared"): zero at r = 1,
+21.2 at r = 0.1 and at r = 10, so positives settle near 1; for r <= 0 it rises
+linearly away from 0 (not the even function's second minimum at -1). The owner's notes
 write it as ``log(r^2 + eps)`` ("literal"), which is minimised at r = 0 and so
 pulls positives towards zero; it stays selectable (see DESIGN.md).
 """
@@ -23,6 +24,7 @@ pulls positives towards zero; it stays selectable (see DESIGN.md).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -46,9 +48,8 @@ class RewardHeads(torch.nn.Module):
         self.cap = float(cap)
         self.norm = torch.nn.RMSNorm(hidden_size, eps=eps)
         self.proj = torch.nn.Linear(hidden_size, len(names))
-        # Every score starts at +1, the squared penalty's minimum on the positive side.
-        # The Bradley-Terry term then pushes negatives below the positives, and the
-        # penalty's wall at 0 keeps positives from sliding into its other minimum, -1.
+        # Every score starts at +1, the squared penalty's minimum; the Bradley-Terry
+        # term then pushes negatives below the positives.
         torch.nn.init.zeros_(self.proj.weight)
         torch.nn.init.ones_(self.proj.bias)
 
@@ -78,9 +79,18 @@ def soft_cap(scores: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 def logsq_penalty(r: torch.Tensor, form: LogSq = "squared", eps: float = 1e-6) -> torch.Tensor:
-    """Per-score regulariser on positives: ``(log(r^2+eps))^2`` or the literal ``log(r^2+eps)``."""
+    """Per-score regulariser on positives: ``(log(r^2+eps))^2`` or the literal ``log(r^2+eps)``.
+
+    The squared form is even in r, so it has a second minimum at r = -1, and r = 0 is a
+    hilltop whose slope sends a positive just below 0 down to -1, where a whole head's
+    positives can settle (seen with weight decay on the tiny model). For r <= 0 it
+    therefore continues as a line rising away from 0: every negative positive is pushed up.
+    """
     log_sq = torch.log(r * r + eps)
-    return log_sq * log_sq if form == "squared" else log_sq
+    if form != "squared":
+        return log_sq
+    at_zero = math.log(eps) ** 2
+    return torch.where(r > 0, log_sq * log_sq, at_zero - 2 * math.log(eps) * -r.clamp_max(0))
 
 
 @dataclass

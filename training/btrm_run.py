@@ -43,9 +43,7 @@ def train_on_features(config: BTRMConfig, names: list[str], positive: torch.Tens
     ``positive`` (N, H) bool and ``negative_weight`` (N, H) label each feature row;
     ``heads`` with the same names and cap continue training, else new ones start.
     """
-    order = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(config.seed))
-    cut = int(round(len(order) * (1 - config.held_out_fraction)))
-    train_idx, test_idx = order[:cut], order[cut:]
+    train_idx, test_idx = held_out_split(features.shape[0], config)
     if heads is None or heads.names != names or heads.cap != config.cap or heads.proj.in_features != features.shape[1]:
         heads = RewardHeads(features.shape[1], names, cap=config.cap)
     negative = negative_weight > 0
@@ -56,10 +54,23 @@ def train_on_features(config: BTRMConfig, names: list[str], positive: torch.Tens
     evaluate = held_out or (features, positive, negative)
     with torch.no_grad():
         scores = heads(evaluate[0])
-    accuracy = dict(zip(names, pairwise_accuracy(scores, evaluate[1], evaluate[2])))
+    return _result(heads, log, scores, evaluate[1], evaluate[2], report)
+
+
+def held_out_split(n: int, config: BTRMConfig) -> tuple[list[int], list[int]]:
+    """(train, held-out) row indices: a seeded ``held_out_fraction`` of the n texts held out."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
+    cut = int(round(n * (1 - config.held_out_fraction)))
+    return order[:cut], order[cut:]
+
+
+def _result(heads: RewardHeads, log: HeadTrainingLog, scores: torch.Tensor, positive: torch.Tensor,
+            negative: torch.Tensor, report: dict | None) -> BTRMResult:
+    """Per-head pairwise accuracy and positive-score centre of the evaluated rows' ``scores``."""
+    accuracy = dict(zip(heads.names, pairwise_accuracy(scores, positive, negative)))
     positives = {}
-    for h, name in enumerate(names):
-        s = scores[evaluate[1][:, h], h]
+    for h, name in enumerate(heads.names):
+        s = scores[positive[:, h], h]
         positives[name] = {"mean": float(s.mean()), "median": float(s.median())} if s.numel() else {}
     return BTRMResult(heads, log, accuracy, positives, report or {})
 
@@ -95,10 +106,7 @@ def train_btrm_with_trunk_lora(peft_model, ids: list[list[int]], names: list[str
     probe = train_on_features(config, names, positive, negative_weight, features, report=report,
                               progress=(lambda e, _, log: progress("epochs", e, total)) if progress else None)
     negative = negative_weight > 0
-    n = len(ids)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))  # the same split as the probe
-    cut = int(round(n * (1 - config.held_out_fraction)))
-    train_idx, test_idx = order[:cut].tolist(), order[cut:].tolist()
+    train_idx, test_idx = held_out_split(len(ids), config)  # the same split as the probe
     device = next(peft_model.parameters()).device
     heads, log = probe.heads.to(device), probe.log
     adapter = [p for p in peft_model.parameters() if p.requires_grad]
@@ -130,15 +138,10 @@ def train_btrm_with_trunk_lora(peft_model, ids: list[list[int]], names: list[str
             log.epochs.append(config.epochs + epoch + 1)
         if progress is not None:
             progress("epochs", config.epochs + epoch + 1, total)
-    rows = test_idx or list(range(n))
+    rows = test_idx or list(range(len(ids)))
     with torch.no_grad():
         scores = heads(last_token_features(peft_model, [ids[i] for i in rows])).cpu()
-    accuracy = dict(zip(names, pairwise_accuracy(scores, positive[rows], negative[rows])))
-    positives = {}
-    for h, name in enumerate(names):
-        s = scores[positive[rows][:, h], h]
-        positives[name] = {"mean": float(s.mean()), "median": float(s.median())} if s.numel() else {}
-    return BTRMResult(heads.cpu(), log, accuracy, positives, report or {})
+    return _result(heads.cpu(), log, scores, positive[rows], negative[rows], report)
 
 
 def plot_training(log: HeadTrainingLog, names: list[str], path: Path) -> None:

@@ -54,20 +54,41 @@ def _(hidden, residual, layer, sink) -> None:
 
 
 @dataclass
+class _Projection:
+    """A vector set as the tap uses it."""
+
+    vector_set: VectorSet
+    matrix: torch.Tensor  # (n_layers, hidden, n_concepts) fp32, manifest layer order
+    slots: dict[int, int]  # layer -> its index in the manifest's layer order
+
+
+@dataclass
 class _Group:
     """The rows of one step read out with one vector set."""
 
-    vector_set: VectorSet
-    projection: torch.Tensor  # (n_layers, hidden, n_concepts) fp32, manifest layer order
+    projection: _Projection
     rows: list[ReadoutRows] = field(default_factory=list)
     row_index: list[int] = field(default_factory=list)
     take: slice | torch.Tensor | None = None  # the rows: a slice when contiguous (every decode step), else an index
-    streams: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n_rows, hidden) fp32
+    streams: torch.Tensor | None = None  # (n_layers, n_rows, hidden) fp32: each layer's rows, copied
+
+    def keep(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        """Copy this group's rows of ``hidden + residual`` (the buffers are reused by the next layer)."""
+        slot = self.projection.slots.get(layer)
+        if slot is None:
+            return
+        take = self.take
+        hidden, residual = (hidden[take], residual[take]) if isinstance(take, slice) else (
+            hidden.index_select(0, take), residual.index_select(0, take))
+        if hidden.dtype == torch.float32:
+            torch.add(hidden, residual, out=self.streams[slot])
+        else:  # sum in fp32, as the HF reference does after upcasting
+            self.streams[slot].copy_(hidden).add_(residual)
 
     def values(self) -> np.ndarray:
         """(n_rows, n_layers, n_concepts): every layer's dot products in one batched matmul."""
-        streams = torch.stack([self.streams[layer] for layer in self.vector_set.layers])
-        return torch.bmm(streams, self.projection.to(streams.device)).transpose(0, 1).cpu().numpy()
+        matrix = self.projection.matrix.to(self.streams.device)
+        return torch.bmm(self.streams, matrix).transpose(0, 1).cpu().numpy()
 
 
 class ReadoutTap:
@@ -76,8 +97,7 @@ class ReadoutTap:
     def __init__(self, runner, session: Path, hidden_size: int, num_layers: int, first: VectorSet | None):
         self.runner, self.session = runner, Path(session)
         self.hidden_size, self.num_layers = hidden_size, num_layers
-        self.sets: dict[str, VectorSet] = {}
-        self.projections: dict[str, torch.Tensor] = {}
+        self.sets: dict[str, _Projection] = {}
         self.current: str | None = None
         if first is not None:
             self._adopt(readout_store.STARTUP_VERSION, first)
@@ -94,8 +114,8 @@ class ReadoutTap:
 
     # -- vector sets ---------------------------------------------------------
     def _adopt(self, version: str, vector_set: VectorSet) -> None:
-        self.sets[version] = vector_set
-        self.projections[version] = vector_set.stacked().transpose(1, 2).contiguous()
+        self.sets[version] = _Projection(vector_set, vector_set.stacked().transpose(1, 2).contiguous(),
+                                         {layer: i for i, layer in enumerate(vector_set.layers)})
         self.current = version
         logger.info("hogwild readout: reading out %d concepts at layers %s (set %s)", len(vector_set.concepts),
                     list(vector_set.layers), version)
@@ -120,7 +140,7 @@ class ReadoutTap:
         self.routes.clear()
         used = set(self.pins.values()) | {self.current}
         for version in [v for v in self.sets if v not in used]:
-            del self.sets[version], self.projections[version]
+            del self.sets[version]
 
     # -- one step ------------------------------------------------------------
     def plan(self, device: torch.device) -> None:
@@ -157,9 +177,10 @@ class ReadoutTap:
             version = self.pins.setdefault(rid, self.current)
             group = by_version.get(version)
             if group is None:
-                group = by_version[version] = _Group(self.sets[version], self.projections[version])
-            group.rows.append(ReadoutRows(key, rid, prompt_len, first_pos, len(rows), len(group.vector_set.layers),
-                                          len(group.vector_set.concepts), version))
+                group = by_version[version] = _Group(self.sets[version])
+            vector_set = group.projection.vector_set
+            group.rows.append(ReadoutRows(key, rid, prompt_len, first_pos, len(rows), len(vector_set.layers),
+                                          len(vector_set.concepts), version))
             group.row_index.extend(rows)
         for group in by_version.values():
             first, count = group.row_index[0], len(group.row_index)
@@ -167,6 +188,8 @@ class ReadoutTap:
                 group.take = slice(first, first + count)
             else:
                 group.take = torch.tensor(group.row_index, dtype=torch.long, device=device)
+            group.streams = torch.empty(len(group.projection.slots), count, self.hidden_size, dtype=torch.float32,
+                                        device=device)
         self.groups = list(by_version.values())
         if len(self.pins) > 4 * max(n, 64):
             self._forget_finished()
@@ -175,12 +198,7 @@ class ReadoutTap:
         if layer == self.layers_present[0]:
             self.plan(hidden.device)
         for group in self.groups:
-            if layer in group.vector_set.vectors:
-                if isinstance(group.take, slice):
-                    hidden_rows, residual_rows = hidden[group.take], residual[group.take]
-                else:
-                    hidden_rows, residual_rows = hidden.index_select(0, group.take), residual.index_select(0, group.take)
-                group.streams[layer] = hidden_rows.float() + residual_rows.float()  # a copy: the buffers are reused
+            group.keep(layer, hidden, residual)
         if layer == self.layers_present[-1] and self.groups:
             self.flush()
 

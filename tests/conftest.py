@@ -82,6 +82,14 @@ class Served:
         return asyncio.run(go())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _remove_session_dirs():
+    """Every test server's session directory (its weight arena in /dev/shm) goes with the run."""
+    yield
+    for path in Path("/dev/shm").glob(f"hogwild-test-{os.getpid()}-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def start_served(model_dir: Path, tmp: Path, name: str, env: dict | None = None, wait_trainer: bool = True,
                  api_key: str | None = API_KEY, copy_model: bool = True, **kwargs) -> tuple[VllmServer, Served]:
     """A real `vllm serve` with the plugin, its session directory at a known path.

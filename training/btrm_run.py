@@ -27,7 +27,7 @@ class BTRMResult:
     heads: RewardHeads
     log: HeadTrainingLog
     held_out_accuracy: dict[str, float | None]
-    positive_scores: dict[str, dict[str, float]]  # per head: mean, median of held-out positives
+    positive_scores: dict[str, dict[str, float]]  # per head: count, mean, median of held-out positives
     report: dict
 
     def summary(self) -> dict:
@@ -71,7 +71,7 @@ def _result(heads: RewardHeads, log: HeadTrainingLog, scores: torch.Tensor, posi
     positives = {}
     for h, name in enumerate(heads.names):
         s = scores[positive[:, h], h]
-        positives[name] = {"mean": float(s.mean()), "median": float(s.median())} if s.numel() else {}
+        positives[name] = {"count": s.numel(), "mean": float(s.mean()), "median": float(s.median())} if s.numel() else {}
     return BTRMResult(heads, log, accuracy, positives, report or {})
 
 

@@ -9,6 +9,8 @@ from hogwild.client import btrm_samples, wrapped_prompt
 from hogwild.training.btrm_corpora import write_corpora
 from hogwild.training.btrm_data import build_labelled_set, load_config
 
+from ..test_btrm import assert_positives_above_zero
+
 pytestmark = pytest.mark.server
 
 
@@ -96,7 +98,7 @@ def test_heads_with_a_private_trunk_lora_never_touch_the_served_weights(served, 
     job = r.json()
     assert job["state"] == "succeeded", job
     assert min(job["result"]["held_out_accuracy"].values()) > 0.7, job["result"]["held_out_accuracy"]
-    assert all(s["median"] > 0 for s in job["result"]["positive_scores"].values()), job["result"]["positive_scores"]
+    assert_positives_above_zero(job["result"]["positive_scores"])
     assert served.http.get("/train/status").json()["heads"]["trunk_lora"] == {"r": 16, "alpha": 32, "modules": 14}
     assert served.arena_digest() == digest  # the LoRA is the heads' own: never merged
 

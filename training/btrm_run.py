@@ -95,8 +95,7 @@ def train_btrm_with_trunk_lora(peft_model, ids: list[list[int]], names: list[str
     trunk's features (the fresh adapter is the identity), then
     ``trunk_lora_epochs`` of heads and adapter together, the adapter at
     ``trunk_lora_lr``, gradients clipped. Trained together from the start, the
-    untrained heads drag the features around while the regulariser's wall at 0
-    traps positives that cross it on the wrong side: heads collapsed in 1 run of 4.
+    untrained heads dragged the features around and heads collapsed in 1 run of 4.
     """
     from .btrm import btrm_loss
 

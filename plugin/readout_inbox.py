@@ -37,6 +37,7 @@ class _Choice:
 class _Entry:
     n: int
     choices: dict[int, _Choice] = field(default_factory=dict)
+    by_request: dict[str, _Choice] = field(default_factory=dict)  # vLLM's request id -> its choice
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -69,15 +70,20 @@ class ReadoutInbox:
                 logger.error("hogwild readout: bad message from the worker: %s", exc)
 
     def _store(self, decoded) -> None:
-        for rows, values in decoded:
-            entry = self.entries.get(rows.key)
-            if entry is None:
-                continue
-            index = choice_index(rows.request_id, entry.n)
-            choice = entry.choices.setdefault(index, _Choice(rows.prompt_len))
-            for offset in range(rows.count):
-                choice.rows[rows.first_position + offset] = values[offset]
-            entry.changed.set()
+        step, values = decoded
+        offset = 0
+        for key, request_id, prompt_len, first, count in zip(step.keys, step.request_ids, step.prompt_lens,
+                                                             step.first_positions, step.counts):
+            entry = self.entries.get(key)
+            if entry is not None:
+                choice = entry.by_request.get(request_id)
+                if choice is None:
+                    choice = entry.choices.setdefault(choice_index(request_id, entry.n), _Choice(prompt_len))
+                    entry.by_request[request_id] = choice
+                for i in range(count):
+                    choice.rows[first + i] = values[offset + i]
+                entry.changed.set()
+            offset += count
 
     def open(self, n: int) -> str:
         """A join key for one HTTP request that produces ``n`` choices per prompt."""

@@ -46,16 +46,22 @@ def startup_files() -> SetFiles | None:
 def current_files(session: Path) -> SetFiles | None:
     """The set loaded last while serving, else the start-up set, else None (readout off)."""
     try:
-        named = json.loads((store_dir(session) / "current.json").read_text())
+        named = json.loads(Path(current_file(session)).read_text())
         return SetFiles(named["version"], Path(named["vectors"]), Path(named["manifest"]))
     except FileNotFoundError:
         return startup_files()
 
 
-def current_stamp(session: Path) -> tuple[int, int]:
-    """Changes whenever ``current.json`` is replaced ((0, 0) while there is none): cheap to poll."""
+def current_file(session: Path) -> str:
+    """The file that names the current set; pass it to ``current_stamp``."""
+    return str(store_dir(session) / "current.json")
+
+
+def current_stamp(current: str) -> tuple[int, int]:
+    """Changes whenever ``current.json`` is replaced ((0, 0) while there is none): one
+    ``stat``, polled before every model step."""
     try:
-        st = (store_dir(session) / "current.json").stat()
+        st = os.stat(current)
     except FileNotFoundError:
         return (0, 0)
     return (st.st_ino, st.st_mtime_ns)
@@ -82,5 +88,5 @@ def install(session: Path, vectors: Path, manifest: Path | None, hidden_size: in
     checked = load_files(copied, hidden_size, num_layers)
     tmp = root / f".current-{version}.json"
     tmp.write_text(json.dumps({"version": version, "vectors": str(copied.vectors), "manifest": str(copied.manifest)}))
-    os.replace(tmp, root / "current.json")
+    os.replace(tmp, current_file(session))
     return copied, checked

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hogwild.plugin.readout_wire import ReadoutRows, choice_index, decode, encode
+from hogwild.plugin.readout_wire import ReadoutStep, choice_index, decode, encode
 from hogwild.readout.corpus import CorpusError, read_corpus
 from hogwild.readout.train import concept_vectors, paired_rows, text_activations, train_readout, write_training
 from hogwild.readout.vectors import (
@@ -75,14 +75,17 @@ def test_unreadable_files_are_refused(tmp_path):
 
 
 def test_wire_messages_round_trip_and_map_to_choices():
-    rows = [ReadoutRows("1.00ff00ff00ff00ff", "cmpl-x-0-abcdef12", 5, 4, 1, 2, 3, "v"),
-            ReadoutRows("1.00ff00ff00ff00ff", "cmpl-x-1-abcdef12", 7, 0, 2, 2, 3, "v")]
-    values = [np.arange(6, dtype=np.float32).reshape(1, 2, 3), np.ones((2, 2, 3), np.float32)]
-    back = decode(encode(rows, values))
-    assert [r for r, _ in back] == rows
-    assert np.array_equal(back[0][1], values[0]) and np.array_equal(back[1][1], values[1])
+    step = ReadoutStep("v", 2, 3, ["1.00ff00ff00ff00ff"] * 2, ["cmpl-x-0-abcdef12", "cmpl-x-1-abcdef12"], [5, 7], [4, 0],
+                       [1, 2])
+    values = np.arange(18, dtype=np.float32).reshape(3, 2, 3)
+    back, back_values = decode(encode(step, values))
+    assert back == step and np.array_equal(back_values, values)
     with pytest.raises(ValueError, match="version"):
         decode([json.dumps({"v": 99, "rows": []}).encode(), b""])
+    with pytest.raises(ValueError, match="payload holds 12 values, its header says 18"):
+        decode([encode(step, values)[0], values[:2].tobytes()])
+    with pytest.raises(ValueError, match="columns of different lengths"):
+        decode(encode(ReadoutStep("v", 2, 3, ["k"], [], [5], [4], [1]), values[:1]))
     # vLLM 0.32's request ids: <external>-<8 random>, samples of n > 1 as <k>_<that>.
     assert choice_index("chatcmpl-abc-12345678", 1) == 0
     assert choice_index("cmpl-my-id-2-12345678", 1) == 2

@@ -13,8 +13,9 @@ each request that carries a join key, the last row of the step when that step
 samples a token (a prompt chunk that does not finish the prompt samples
 nothing), or every row when the request asked for prompt readouts. At each
 hooked layer it keeps ``(hidden + residual)[rows]`` in fp32; after the last
-layer one batched matmul gives every layer's dot products and the tap sends the step's values to the API server processes that wait
-for them (``readout_wire``), never blocking the step.
+layer one batched matmul gives every layer's dot products and the tap sends
+the step's values to the API server processes that wait for them
+(``readout_wire``), never blocking the step.
 
 Rows are keyed by sequence position, so a preempted request that recomputes
 its tokens overwrites the same positions with the same values.

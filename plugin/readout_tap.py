@@ -169,6 +169,8 @@ class ReadoutTap:
         if self.stamp != (0, 0):
             self._poll(force=True)
         self.wants: dict[str, _Wants | None] = {}  # request id -> what it asked for (None: no readout)
+        self.read_upto: dict[str, int] = {}  # request id -> the last position read out
+        self.recomputed = 0  # requests seen starting over below what was read (preempted, then resumed)
         self.routes: dict[str, str | None] = {}  # join key -> its API server's socket
         self.groups: list[_Group] = []
         self.layers_present: list[int] = []
@@ -200,6 +202,7 @@ class ReadoutTap:
         live = self.runner.requests
         for rid in [r for r in self.wants if r not in live]:
             del self.wants[rid]
+            self.read_upto.pop(rid, None)
         self.routes.clear()
         used = {w.version for w in self.wants.values() if w is not None} | {self.current}
         for version in [v for v in self.sets if v not in used]:
@@ -212,6 +215,15 @@ class ReadoutTap:
         if not isinstance(key, str):
             return None
         return _Wants(key, bool(extra.get(PROMPT_ARG)), int(state.num_prompt_tokens), self.current)
+
+    def _recompute(self, request_id: str) -> None:
+        """A request computes again from below what was read: vLLM preempted it and now
+        recomputes it. Its rows come again by position, so nothing is lost; say so in the log."""
+        del self.read_upto[request_id]
+        self.recomputed += 1
+        if self.recomputed in (1, 10, 100) or self.recomputed % 1000 == 0:
+            logger.info("hogwild readout: %d requests recomputed after preemption so far (rows are kept by position)",
+                        self.recomputed)
 
     # -- one step ------------------------------------------------------------
     def plan(self, device: torch.device) -> None:
@@ -238,6 +250,8 @@ class ReadoutTap:
             if stop <= start:
                 continue
             first_pos = computed[i]
+            if first_pos <= self.read_upto.get(rid, -1):
+                self._recompute(rid)
             last_pos = first_pos + (stop - start) - 1
             if wants.prompt:
                 first_row, count = start, stop - start
@@ -249,6 +263,7 @@ class ReadoutTap:
             if group is None:
                 group = by_version[wants.version] = _Group(self.sets[wants.version], wants.version)
             group.add(wants, rid, first_pos, first_row, count)
+            self.read_upto[rid] = first_pos + count - 1
         for group in by_version.values():
             group.allocate(self.hidden_size, device)
         self.groups = list(by_version.values())

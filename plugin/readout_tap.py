@@ -226,7 +226,7 @@ class ReadoutTap:
                         self.recomputed)
 
     # -- one step ------------------------------------------------------------
-    def plan(self, device: torch.device) -> None:
+    def plan(self) -> None:
         """At the first layer of a step: which rows of the flat batch to read, for whom."""
         self.groups = []
         self._poll()
@@ -265,14 +265,14 @@ class ReadoutTap:
             group.add(wants, rid, first_pos, first_row, count)
             self.read_upto[rid] = first_pos + count - 1
         for group in by_version.values():
-            group.allocate(self.hidden_size, device)
+            group.allocate(self.hidden_size, self.device)
         self.groups = list(by_version.values())
         if len(self.wants) > 4 * max(n, 64):
             self._forget_finished()
 
     def on_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         if layer == self.layers_present[0]:
-            self.plan(hidden.device)
+            self.plan()
         for group in self.groups:
             group.keep(layer, hidden, residual)
         if layer == self.layers_present[-1] and self.groups:

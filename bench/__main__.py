@@ -12,7 +12,8 @@ import importlib
 import json
 import sys
 
-BENCHMARKS = {"spine": "bench.spine", "load": "bench.load", "checkpoint": "bench.checkpoint", "btrm": "bench.btrm", "readout": "bench.readout"}
+BENCHMARKS = {"spine": "bench.spine", "load": "bench.load", "checkpoint": "bench.checkpoint", "btrm": "bench.btrm", "readout": "bench.readout",
+              "bf16": "bench.bf16", "architectures": "bench.architectures"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,15 +43,17 @@ def training_samples(tok, n: int, ctx_len: int, cont_len: int) -> list[dict]:
             for i in range(n)]
 
 
-def baseline_tokens_per_s(model_path, samples: list[dict], options: dict, threads: int) -> float:
+def baseline_tokens_per_s(model_path, samples: list[dict], options: dict, threads: int, dtype: str = "float32") -> float:
     """The same trainer and optimizer on an ordinary HF model, in this process."""
     from transformers import AutoModelForCausalLM
 
     from hogwild.training.batches import Sample
+    from hogwild.training.hf_model import attention_for, training_config
     from hogwild.training.sft import SFTOptions, SFTTrainer
 
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
+                                                 **attention_for(training_config(model_path))).eval()
     trainer = SFTTrainer(model)
     batch = [Sample(tuple(s["context_ids"]), tuple(s["continuation_ids"])) for s in samples]
     trainer.run(batch, SFTOptions(**{**options, "steps": 1}))  # warm-up, as the served trainer is warm

@@ -4,7 +4,7 @@ Builds the tiny model if needed, serves a fresh copy of it with a real
 ``vllm serve`` and the plugin, and walks through what has landed (train,
 score, ledger, HOGWILD inference, cancellation, reward heads, a circuit-breaker
 LoRA merged and reverted, per-token concept readouts and their online training,
-checkpoint, restart from the checkpoint), printing each step and leaving a short
+checkpoint, restart from the checkpoint, bf16 rounding), printing each step and leaving a short
 report (``report.md``) with plots in the output folder.
 """
 
@@ -67,9 +67,9 @@ class Demo:
         r.raise_for_status()
         return [s["total_logprob"] for s in r.json()["scores"]]
 
-    def start_server(self) -> dict:
+    def start_server(self, dtype: str = "float32") -> dict:
         log = self.out / "vllm.log"
-        self.server = VllmServer(self.model, log_path=log, dtype="float32", env=self.env)
+        self.server = VllmServer(self.model, log_path=log, dtype=dtype, env=self.env)
         say(f"starting: VLLM_PLUGINS=hogwild vllm {' '.join(self.server.args)}   (log: {log})")
         started = time.monotonic()
         self.server.start()
@@ -182,6 +182,37 @@ class Demo:
 
         self.plot(tok, target, before_lp, after_lp)
         (self.out / "status.json").write_text(json.dumps(status, indent=2))
+
+        self.note("## 13. bf16 weights: a small learning rate lands with stochastic rounding, rounds away with nearest")
+        self.bf16(tok)
+        self.note()
+
+    def bf16(self, tok) -> None:
+        """The same directory served in bf16; one sample at lr 1e-5, written with
+        nearest rounding, then with stochastic rounding (each job a fresh optimizer)."""
+        self.server.stop()
+        self.start_server(dtype="bfloat16")
+        ctx = tok.encode("Once upon a time the server")
+        cont = tok.encode(" kept a lantern by the door, and the fox came back every winter night.")
+        drops = {}
+        for rounding, rank in (("nearest", 32), ("stochastic", 64)):  # a new rank builds a new optimizer
+            job = self.http.post("/train", json={"samples": [{"context_ids": ctx, "continuation_ids": cont}], "lr": 1e-5,
+                                                 "steps": 30, "rank": rank, "rounding": rounding, "wait": True}).json()
+            res = job["result"]
+            drops[rounding] = res["loss_before"] - res["loss_after"]
+            self.note(f"    lr 1e-5, 30 steps, rounding {res['rounding']}: loss {res['loss_before']:.4f} -> "
+                      f"{res['loss_after']:.4f} (fell {drops[rounding]:.4f})")
+        self.note(f"    stochastic rounding moved the loss {drops['stochastic'] / drops['nearest']:.1f}x as far: with nearest "
+                  "rounding most updates are smaller than half a bf16 spacing and vanish (bench bf16: stochastic "
+                  "matches fp32)")
+        warned = self.http.post("/train", json={"samples": [{"context_ids": ctx, "continuation_ids": cont}], "lr": 1e-10,
+                                                "steps": 1, "wait": True}).json()
+        self.note(f"    lr 1e-10: the job runs, and says: {warned['warnings'][0]}")
+        with self.figure("bf16_rounding.png", "loss drop of the same job in bf16, nearest vs stochastic rounding",
+                         (6, 3)) as (fig, ax):
+            ax.bar(list(drops), list(drops.values()), color=["tab:grey", "tab:green"])
+            ax.set_ylabel("loss before - loss after")
+            ax.set_title("bf16, lr 1e-5, 30 steps: what lands in the served weights")
 
     def reward_heads(self) -> None:
         """Synthetic corpora -> heads trained on the served trunk -> /v1/score with heads."""

@@ -86,12 +86,12 @@ class VllmServer:
         raise TimeoutError(f"vllm serve was not healthy after {timeout:.0f} s{self._log_tail()}")
 
     def wait_trainer(self, timeout: float = 120.0) -> dict:
-        """Wait until ``/train/status`` leaves the starting state; returns it."""
+        """Wait until ``/train/status`` leaves the starting states (and the parity gate); returns it."""
         deadline = time.monotonic() + timeout
         status: dict = {}
         while time.monotonic() < deadline:
             status = httpx.get(f"{self.url}/train/status", headers=self.headers(), timeout=30).json()
-            if status.get("state") not in ("starting", "unavailable"):
+            if status.get("state") not in ("starting", "verifying", "unavailable"):
                 return status
             time.sleep(0.5)
         raise TimeoutError(f"the trainer did not start: {status}")

@@ -1,6 +1,16 @@
-"""Build a small random Qwen2-style model that `vllm serve` can load offline.
+"""Build a small random model of a decoder family that `vllm serve` can load offline.
 
-    python -m hogwild.tiny_model OUT [--dtype float32|bfloat16] [--preset tiny|bench] [--arch qwen2|llama]
+    python -m hogwild.tiny_model OUT [--dtype float32|bfloat16] [--preset tiny|bench] [--arch NAME]
+
+``--arch``: qwen2 (default), llama, qwen3, mistral, gemma2, gemma3, phi3, olmo2,
+granite, qwen3_moe (MoE), qwen3_next (Gated DeltaNet + attention, MoE), qwen3_5
+(Gated DeltaNet + attention), qwen3_5_vl (the same with a vision tower). Every family has head size 32 (what vLLM's CPU
+attention accepts); the Gated DeltaNet ones have linear-attention heads of 64 and
+must be served in bf16 on CPU (vLLM's CPU kernel for those layers runs in bf16
+only: ``FAMILIES[arch].serve_dtype``). Apart from qwen2 and llama (kept as they
+always were), every weight, norms included, gets a little noise after the
+family's own initialisation, so that a mapping that swaps two tensors changes
+what the model computes.
 
 The tokenizer is a byte-level BPE trained on the package's story corpus, with
 ChatML special tokens and a chat template, so the folder is a complete Hugging
@@ -13,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -86,15 +96,70 @@ def train_tokenizer(vocab_target: int):
     )
 
 
+@dataclass(frozen=True)
+class Family:
+    """A decoder family: transformers' config and model class, and what differs from the common shape."""
+
+    config: str
+    model: str
+    kind: str  # dense | moe | hybrid | hybrid+moe
+    extra: dict = field(default_factory=dict)
+    serve_dtype: str | None = None  # the dtype vLLM's CPU backend needs, when it needs one
+    perturb: bool = True
+    vision: dict | None = None  # a vision-language model: its vision tower's config (the text config is the family's)
+    serve_args: tuple[str, ...] = ()  # what `vllm serve` needs besides
+
+
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1, norm_topk_prob=True)
+# vLLM's CPU Gated DeltaNet kernel takes linear-attention heads of 64 or 128, in bf16.
+_GATED_DELTANET = dict(layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
+                       linear_key_head_dim=64, linear_value_head_dim=64, linear_num_key_heads=1, linear_num_value_heads=2)
+_GEMMA = dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=64, tie_word_embeddings=True)
+
+FAMILIES = {
+    "qwen2": Family("Qwen2Config", "Qwen2ForCausalLM", "dense", perturb=False),
+    "llama": Family("LlamaConfig", "LlamaForCausalLM", "dense", perturb=False),
+    "qwen3": Family("Qwen3Config", "Qwen3ForCausalLM", "dense", dict(head_dim=32, tie_word_embeddings=True)),
+    "mistral": Family("MistralConfig", "MistralForCausalLM", "dense", dict(head_dim=32, sliding_window=None)),
+    "gemma2": Family("Gemma2Config", "Gemma2ForCausalLM", "dense", _GEMMA),
+    "gemma3": Family("Gemma3TextConfig", "Gemma3ForCausalLM", "dense", _GEMMA),
+    "phi3": Family("Phi3Config", "Phi3ForCausalLM", "dense"),
+    "olmo2": Family("Olmo2Config", "Olmo2ForCausalLM", "dense"),
+    "granite": Family("GraniteConfig", "GraniteForCausalLM", "dense",
+                      dict(tie_word_embeddings=True, embedding_multiplier=12.0, logits_scaling=8.0,
+                           residual_multiplier=0.22, attention_multiplier=1 / 32)),
+    "qwen3_moe": Family("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "moe", dict(head_dim=32, **_MOE)),
+    "qwen3_next": Family("Qwen3NextConfig", "Qwen3NextForCausalLM", "hybrid+moe",
+                         dict(head_dim=32, shared_expert_intermediate_size=64, **_MOE, **_GATED_DELTANET),
+                         serve_dtype="bfloat16"),
+    "qwen3_5": Family("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", "hybrid", dict(head_dim=32, **_GATED_DELTANET),
+                      serve_dtype="bfloat16"),
+    # The public Qwen3.5-27B is this class. Served text-only here: vLLM cannot build its
+    # image processor without torchvision, which this CPU stack lacks (DESIGN.md).
+    "qwen3_5_vl": Family("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", "hybrid, vision-language",
+                         dict(head_dim=32, **_GATED_DELTANET,
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                               "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
+                         serve_dtype="bfloat16", serve_args=("--language-model-only",),
+                         vision=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, in_channels=3,
+                                     patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                                     num_position_embeddings=256)),
+}
+
+
 def build(out: Path, dtype: str = "float32", preset: str = "tiny", seed: int = 0, arch: str = "qwen2") -> Path:
     """Write a complete HF model directory to `out` and return it."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
+    from transformers import GenerationConfig
 
-    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    family = FAMILIES[arch]
     shape = PRESETS[preset]
     tokenizer = train_tokenizer(shape.vocab_target)
-    config = config_cls(
+    common = dict(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
@@ -109,15 +174,33 @@ def build(out: Path, dtype: str = "float32", preset: str = "tiny", seed: int = 0
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
     )
+    if family.vision is not None:
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", *VISION_TOKENS]})
+        common["vocab_size"] = len(tokenizer)
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+        config = getattr(transformers, family.config)(
+            text_config={**common, **family.extra}, vision_config=family.vision, tie_word_embeddings=False,
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    else:
+        config = getattr(transformers, family.config)(**{**common, **family.extra})
+    config.architectures = [family.model]
     torch.manual_seed(seed)
-    model = model_cls(config).to(getattr(torch, dtype))
+    model = getattr(transformers, family.model)(config)
+    if family.perturb:
+        noise = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=noise) * 0.02)
+    model = model.to(getattr(torch, dtype))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     # Greedy by default; no sampling settings that would surprise a test.
-    GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id).save_pretrained(out)
+    GenerationConfig(eos_token_id=common["eos_token_id"], pad_token_id=common["pad_token_id"]).save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "hogwild_tiny_model.json").write_text(
-        json.dumps({"arch": arch, "preset": preset, "dtype": dtype, "seed": seed, **asdict(shape)}, indent=2) + "\n"
+        json.dumps({"arch": arch, "kind": family.kind, "serve_dtype": family.serve_dtype, "preset": preset, "dtype": dtype,
+                    "seed": seed, **asdict(shape)}, indent=2) + "\n"
     )
     return out
 
@@ -127,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="output model directory")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2", help="Qwen2 (default) or Llama family")
+    parser.add_argument("--arch", choices=list(FAMILIES), default="qwen2", help="the decoder family (default: qwen2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     out = build(args.out, args.dtype, args.preset, args.seed, args.arch)

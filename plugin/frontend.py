@@ -25,6 +25,7 @@ from hogwild.worker.protocol import (
     HeadScoresOp,
     JobInfo,
     JobOp,
+    ParityOp,
     StatusOp,
     SubmitBTRMOp,
     SubmitCircuitBreakerOp,
@@ -128,6 +129,8 @@ class Frontend:
         while True:
             try:
                 status = await self.client.request(StatusOp(), timeout=10.0)
+                if status["state"] == "verifying":
+                    await self.check_parity(status["parity"]["probe_ids"])
                 idle = status["running"] is None and not status["queue"]
                 if status["trainer_id"] != self.cache_state[0] or (idle and status["weights_version"] != self.cache_state[1]):
                     await self.refresh_prefix_cache(status["trainer_id"], status["weights_version"])
@@ -136,6 +139,15 @@ class Frontend:
             except Exception:
                 logger.exception("hogwild: heartbeat failed")
             await asyncio.sleep(HEARTBEAT_S)
+
+    async def check_parity(self, probe: list[int]) -> None:
+        """The parity gate: vLLM's log-probabilities of the trainer's probe prompt, from
+        the engine, for the trainer to compare with its own (``worker/parity.py``)."""
+        logprobs = await prompt_token_logprobs(self.engine, probe)
+        result = await self.client.request(ParityOp(engine_logprobs=logprobs[1:]), timeout=120.0)
+        logger.log(logging.INFO if result["state"] == "passed" else logging.ERROR,
+                   "hogwild: parity gate %s (max |d log p| %.3g over %d positions)", result["state"],
+                   result.get("max_abs_diff", float("nan")), len(probe) - 1)
 
     # ---- trainer calls ----------------------------------------------------
 

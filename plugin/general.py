@@ -2,18 +2,21 @@
 
 In each process it makes sure the session directory exists (the API server
 creates it while vLLM parses its arguments, before the engine is started, so
-the engine and workers inherit its path) and installs two patches that only
-matter in the worker process, where the model is loaded:
+the engine and workers inherit its path) and installs these patches (the
+first two and the last matter in the worker process, where the model is loaded):
 
-1. On CPU, vLLM copies each linear layer's weight into a oneDNN-packed buffer
-   and empties ``layer.weight``; in-place updates of the parameter would then
-   change nothing. The replacement dispatch keeps the real weight and computes
-   with ``F.linear`` on it.
+1. On CPU, vLLM lays some weights out anew for its kernels (linear layers, a
+   conv1d, MoE experts) and computes with the copies; in-place updates of the
+   parameters would then change nothing. ``live_weights`` keeps them live.
 2. After the model loader has loaded and post-processed the weights (and before
-   warm-up), the weights are published for the trainer (``weight_export``).
+   warm-up), the weights are published for the trainer (``weight_export``),
+   with where each Hugging Face tensor lies in them (``weight_mapping``; what
+   ``process_weights_after_loading`` rewrote is watched and never mapped).
    Before it reads the model directory, a checkpoint sync that was killed
    half-way is finished or undone (``hogwild.worker.checkpoint.recover``).
-3. When ``VLLM_READOUT_VECTORS`` is set, the model runner's ``load_model``
+3. Qwen3-VL / Qwen3.5 model files import without torchvision, in every process
+   that inspects or loads them (``torchvision_free``).
+4. When ``VLLM_READOUT_VECTORS`` is set, the model runner's ``load_model``
    also taps every decoder layer for concept readouts (``readout_tap``).
 
 Nothing happens unless ``VLLM_PLUGINS`` names ``hogwild``.
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from hogwild import envs
 
-from . import session
+from . import live_weights, session, torchvision_free
 
 logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 
@@ -41,29 +44,15 @@ def register() -> None:
     if _installed or not session.enabled():
         return
     _installed = True
+    torchvision_free.install()  # before vLLM inspects the architecture (in a subprocess that runs this too)
     session.ensure_session_dir()
-    _patch_cpu_linear_dispatch()
+    live_weights.patch_cpu_dispatch(_training_possible)
+    live_weights.patch_cpu_moe(_training_possible)
     _patch_model_loader()
     if envs.readout_vectors() is not None:
         # The tap reads the V1 runner's batch; on GPU vLLM 0.32 defaults to V2.
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         _patch_model_runner()
-
-
-def _patch_cpu_linear_dispatch() -> None:
-    import torch
-    from vllm.model_executor.layers import utils
-
-    original = utils.dispatch_cpu_unquantized_gemm
-
-    def dispatch_live_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
-        # Non-2-D weights (MoE experts, conv) keep vLLM's handling.
-        if layer.weight.is_meta or layer.weight.ndim != 2 or not _training_possible():
-            return original(layer, remove_weight)
-        layer.cpu_linear = torch.nn.functional.linear
-
-    dispatch_live_weight.hogwild_original = original
-    utils.dispatch_cpu_unquantized_gemm = dispatch_live_weight
 
 
 def _training_possible() -> bool:
@@ -90,11 +79,15 @@ def _finish_interrupted_checkpoint(model_dir: Path) -> None:
 
 
 def _patch_model_loader() -> None:
+    from vllm.model_executor.model_loader import base_loader
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    from .weight_mapping import watch_post_load
 
     original = BaseModelLoader.load_model
     if getattr(original, "hogwild_original", None):
         return
+    base_loader.process_weights_after_loading = watch_post_load(base_loader.process_weights_after_loading)
 
     def load_model_and_publish(self, vllm_config, model_config, prefix: str = ""):
         _finish_interrupted_checkpoint(Path(str(model_config.model)))

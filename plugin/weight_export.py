@@ -5,7 +5,7 @@ before warm-up or compilation. On CPU every parameter's bytes move into one
 owner-only file in /dev/shm (an "arena") and the parameter is re-pointed at it,
 so another process can map the same pages. On GPU nothing moves: each
 parameter is described by its CUDA IPC handle. Either way the manifest also
-records how each Hugging Face parameter is a row slice of a vLLM tensor.
+records where each Hugging Face tensor lies in them (``weight_mapping``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from pathlib import Path
 
 import torch
 
-from hogwild.worker.manifest import ARENA_NAME, CudaIpcHandle, HFSlice, Manifest, TensorEntry, write_manifest
+from hogwild.training.hf_model import UnsupportedModel
+from hogwild.worker.manifest import ARENA_NAME, CudaIpcHandle, HFView, Manifest, TensorEntry, write_manifest
+
+from .vllm_internals import check_version
 
 logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 
@@ -27,34 +30,30 @@ class NotEnoughSharedMemory(RuntimeError):
     pass
 
 
-def hf_slices(model: torch.nn.Module) -> dict[str, list[HFSlice]]:
-    """For every vLLM parameter, the HF parameters that are row slices of it.
+def hf_views(model: torch.nn.Module, model_dir: Path, dtype: torch.dtype) -> dict:
+    """Where the trainer's transformers parameters and the checkpoint's tensors lie in
+    vLLM's parameters (``weight_mapping``), as manifest fields."""
+    from vllm.config import get_current_vllm_config, set_current_vllm_config
 
-    Uses vLLM's own layer metadata: ``packed_modules_mapping`` with the fused
-    layer's ``output_sizes`` (q/k/v, gate/up), and ``org_vocab_size`` of vocab
-    embeddings (rows past it are padding).
-    """
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    from hogwild.training.hf_model import skeleton
 
-    packed = getattr(model, "packed_modules_mapping", {}) or {}
-    out: dict[str, list[HFSlice]] = {}
-    for module_name, module in model.named_modules():
-        leaf = module_name.rpartition(".")[2]
-        sizes = getattr(module, "output_sizes", None)
-        for pname, param in module.named_parameters(recurse=False):
-            full = f"{module_name}.{pname}" if module_name else pname
-            if leaf in packed and sizes and len(sizes) == len(packed[leaf]) and len(packed[leaf]) > 1:
-                parts, start = [], 0
-                prefix = module_name[: len(module_name) - len(leaf)]
-                for shard, size in zip(packed[leaf], sizes):
-                    parts.append(HFSlice(name=f"{prefix}{shard}.{pname}", start=start, stop=start + size))
-                    start += size
-                out[full] = parts
-            elif isinstance(module, VocabParallelEmbedding):
-                out[full] = [HFSlice(name=full, start=0, stop=module.org_vocab_size)]
-            else:
-                out[full] = [HFSlice(name=full, start=0, stop=param.shape[0])]
-    return out
+    from .weight_mapping import checkpoint_names, derive_mapping
+
+    # vLLM's Transformers backend decorates transformers' own class: build it under vLLM's config.
+    with set_current_vllm_config(get_current_vllm_config()):
+        hf = skeleton(model_dir, dtype)
+    params = [(n, tuple(p.shape)) for n, p in hf.named_parameters()]
+    mapping = derive_mapping(model, params, hf_model=hf)
+    not_views = dict(mapping.not_views)
+    not_views.update({n: "vLLM's loader never copied it anywhere" for n in mapping.ignored})
+    checkpoint = derive_mapping(model, list(checkpoint_names(hf, params, dtype).items()))
+
+    def entries(views) -> list[HFView]:
+        return [HFView(name=n, tensor=v.tensor, offset=v.offset, shape=list(v.shape), stride=list(v.stride))
+                for n, v in views.items()]
+
+    return dict(model_class=type(hf).__name__, views=entries(mapping.views), checkpoint_views=entries(checkpoint.views),
+                not_views=not_views)
 
 
 def _layout(params: list[tuple[str, torch.nn.Parameter]]) -> tuple[list[int], int]:
@@ -66,7 +65,7 @@ def _layout(params: list[tuple[str, torch.nn.Parameter]]) -> tuple[list[int], in
     return offsets, cursor
 
 
-def export_cpu(model: torch.nn.Module, session: Path, slices: dict[str, list[HFSlice]]) -> tuple[list[TensorEntry], str, int]:
+def export_cpu(model: torch.nn.Module, session: Path) -> tuple[list[TensorEntry], str, int]:
     """Move every parameter into a shared-memory arena; returns entries, path, size."""
     params = list(model.named_parameters())
     offsets, total = _layout(params)
@@ -93,12 +92,12 @@ def export_cpu(model: torch.nn.Module, session: Path, slices: dict[str, list[HFS
         param.data = shared  # the old storage is freed here, one tensor at a time
         entries.append(
             TensorEntry(name=name, dtype=str(param.dtype).removeprefix("torch."), shape=list(param.shape),
-                        nbytes=nbytes, offset=offset, hf=slices[name])
+                        nbytes=nbytes, offset=offset)
         )
     return entries, str(path), total
 
 
-def export_cuda(model: torch.nn.Module, slices: dict[str, list[HFSlice]]) -> list[TensorEntry]:
+def export_cuda(model: torch.nn.Module) -> list[TensorEntry]:
     """Describe every parameter by its CUDA IPC handle (nothing is copied)."""
     from torch.multiprocessing.reductions import reduce_tensor
 
@@ -110,7 +109,7 @@ def export_cuda(model: torch.nn.Module, slices: dict[str, list[HFSlice]]) -> lis
         entries.append(
             TensorEntry(
                 name=name, dtype=str(dtype).removeprefix("torch."), shape=list(size),
-                nbytes=param.numel() * param.element_size(), hf=slices[name],
+                nbytes=param.numel() * param.element_size(),
                 cuda_ipc=CudaIpcHandle(
                     device=int(device), handle=handle.hex(), storage_size_bytes=int(storage_size),
                     storage_offset_bytes=int(storage_offset), ref_counter_handle=rc_handle.hex(),
@@ -149,16 +148,18 @@ def publish(model: torch.nn.Module, vllm_config, session: Path) -> Manifest:
         worker_pid=os.getpid(),
         vllm_version=vllm.__version__,
     )
-    reason = unsupported_reason(vllm_config)
+    reason = unsupported_reason(vllm_config) or check_version(vllm.__version__)
     manifest = Manifest(backend="none", unsupported=reason, **base)
     if reason is None:
         try:
-            slices = hf_slices(model)
+            views = hf_views(model, Path(str(model_config.model)), model_config.dtype)  # before the weights move
             if vllm_config.device_config.device.type == "cuda":
-                manifest = Manifest(backend="cuda_ipc", tensors=export_cuda(model, slices), **base)
+                manifest = Manifest(backend="cuda_ipc", tensors=export_cuda(model), **views, **base)
             else:
-                entries, path, total = export_cpu(model, session, slices)
-                manifest = Manifest(backend="cpu_shm", arena=path, arena_bytes=total, tensors=entries, **base)
+                entries, path, total = export_cpu(model, session)
+                manifest = Manifest(backend="cpu_shm", arena=path, arena_bytes=total, tensors=entries, **views, **base)
+        except UnsupportedModel as exc:
+            manifest = Manifest(backend="none", unsupported=str(exc), **base)
         except Exception as exc:  # inference must keep working whatever happens here
             logger.exception("hogwild: could not publish the weights; training is disabled")
             manifest = Manifest(backend="none", unsupported=f"weights could not be published: {exc}", **base)

@@ -19,15 +19,14 @@ def _owner(directory: str, ready, done) -> None:
     from pathlib import Path
 
     from hogwild.plugin.weight_export import export_cuda
-    from hogwild.worker.manifest import HFSlice, Manifest, write_manifest
+    from hogwild.worker.manifest import Manifest, write_manifest
 
     layer = torch.nn.Linear(64, 96, bias=True).cuda()
     with torch.no_grad():
         layer.weight.fill_(1.0)
         layer.bias.fill_(2.0)
-    slices = {n: [HFSlice(name=n, start=0, stop=p.shape[0])] for n, p in layer.named_parameters()}
     manifest = Manifest(model="test", architectures=[], dtype="float32", backend="cuda_ipc",
-                        tensors=export_cuda(layer, slices), worker_pid=os.getpid(), vllm_version="test")
+                        tensors=export_cuda(layer), worker_pid=os.getpid(), vllm_version="test")
     write_manifest(manifest, Path(directory))
     ready.set()
     done.wait(60)

@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import guards
+from .hf_model import decoder_layers
 from .lora import attached_lora, lora_factors
 
 PRIORITY_WEIGHTS = {
@@ -342,7 +343,7 @@ class CircuitBreakerTrainer:
         """Residual stream after each target layer, stacked: (L, B, T, H). The
         forward stops after the last target layer."""
         captured: dict[int, torch.Tensor] = {}
-        layers = _decoder_layers(model)
+        layers = decoder_layers(model)
         last = self.target_layers[-1]
 
         def hook(index):
@@ -546,13 +547,6 @@ class CircuitBreakerTrainer:
             out.append(token)
             ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
         return out
-
-
-def _decoder_layers(model) -> torch.nn.ModuleList:
-    inner = model
-    while not hasattr(inner, "layers"):
-        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner.model
-    return inner.layers
 
 
 def _prompt_of(ids: list[int], mask: list[bool]) -> list[int]:

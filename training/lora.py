@@ -3,36 +3,58 @@ be shared with a server, take it off again leaving the model as it was, and
 merge an adapter's delta into the weights *in place* in a way that can be
 reverted bit for bit.
 
-Exact revert: ``(w + d) - d`` is not ``w`` in floating point for every element.
-At merge time we still have ``w``, so we recompute ``(w + d) - d`` there and
-keep the few elements where it differs (indices and original values), plus a
-digest of ``w``. Reverting subtracts the same ``d`` and puts those elements
-back; the digest proves the result is the original, bit for bit. If the
-weights changed after the merge (other training), the digest cannot match and
-the revert says it was not exact.
+Exact revert: ``(w + d) - d`` is not ``w`` in floating point for every element
+(in bf16, for about a quarter of them). The merge writes ``w + d`` computed in
+fp32 and rounded once (stochastically for 16-bit weights, with noise from a seed
+it keeps), and at that moment, with ``w`` still at hand, records what undoing
+it needs: for the elements where two originals round to the same merged value,
+which one it was (a byte each), the rare elements no nearby original explains
+(index and value), and a digest of ``w``. Reverting recomputes the candidates
+from the same noise, picks with those records, and checks the digest before it
+writes: bit for bit, or, if the weights changed after the merge (other
+training), the delta is subtracted and the revert says it was not exact.
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from .hf_model import decoder_layers
+from .rounding import Rounding, choices_of, draw_noise, for_each_chunk, is_rounded, preimages, restore, round_to_, write
 
 
-def tensor_digest(t: torch.Tensor) -> str:
-    """sha256 of a tensor's bytes (any dtype, any device)."""
-    data = t.detach().contiguous().cpu().view(torch.uint8).numpy()
-    return hashlib.sha256(data.tobytes()).hexdigest()
+
+def lora_targets(model: torch.nn.Module) -> list[str]:
+    """The linear layers of the decoder layers that an adapter adapts, by leaf name:
+    attention and MLP projections as the model has them (q_proj... or a fused
+    qkv_proj; Gated DeltaNet's in/out projections; shared experts), not MoE routers
+    (``gate``/``router`` with one output per expert, or a shared expert's 1-output
+    gate): their output is a routing decision, not a representation. Stacked
+    experts are 3-D parameters, not linear layers, and are not adapted."""
+    config = getattr(model, "config", None)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    names = set()
+    for layer in decoder_layers(model):
+        for name, module in layer.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            leaf = name.rpartition(".")[2]
+            router = (leaf in ("gate", "router") and module.out_features == experts) or \
+                (leaf.endswith("gate") and module.out_features == 1)
+            if not router:
+                names.add(leaf)
+    return sorted(names)
 
 
 @contextmanager
 def attached_lora(model: torch.nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.05,
-                  layers: list[int] | None = None, targets=LORA_TARGETS) -> Iterator[torch.nn.Module]:
+                  layers: list[int] | None = None, targets: list[str] | None = None) -> Iterator[torch.nn.Module]:
     """``peft``'s LoRA on ``model`` for the duration of the block; yields the
     ``PeftModel``. Afterwards the adapter layers are removed (not merged) and
     every base parameter is the same tensor, with the same ``requires_grad``, as
@@ -40,7 +62,7 @@ def attached_lora(model: torch.nn.Module, r: int = 16, alpha: int = 32, dropout:
     from peft import LoraConfig, get_peft_model
 
     before = {name: (p, p.requires_grad) for name, p in model.named_parameters()}
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets or lora_targets(model),
                         layers_to_transform=layers, layers_pattern="layers" if layers is not None else None)
     peft_model = get_peft_model(model, config)
     try:
@@ -108,55 +130,103 @@ def factors_from_bytes(data: bytes, scaling: dict[str, float]) -> dict[str, tupl
     return {n: (t[f"{n}.lora_A"], t[f"{n}.lora_B"], s) for n, s in scaling.items()}
 
 
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, like: torch.Tensor) -> torch.Tensor:
-    """The weight delta ``scaling * B @ A`` in ``like``'s dtype and device (computed in fp32)."""
-    return ((b.float().to(like.device) @ a.float().to(like.device)) * scaling).to(like.dtype)
+def delta_rows(a: torch.Tensor, b: torch.Tensor, scaling: float, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """Rows ``[start, stop)`` of the weight delta ``scaling * B @ A``, in fp32."""
+    return (b[start:stop].float().to(device) @ a.float().to(device)) * scaling
 
 
 @dataclass
 class MergeRecord:
-    """What it takes to undo a merge exactly."""
+    """What it takes to undo a merge exactly (see ``training.rounding.preimages``)."""
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    rounding: Rounding = "stochastic"
+    seeds: dict[str, int] = field(default_factory=dict)  # weight name -> seed of its rounding noise
     digests: dict[str, str] = field(default_factory=dict)  # weight name -> digest of the original
-    fix_index: dict[str, torch.Tensor] = field(default_factory=dict)  # flat indices where (w+d)-d != w
+    choices: dict[str, torch.Tensor] = field(default_factory=dict)  # uint8: which preimage, where several match
+    fix_index: dict[str, torch.Tensor] = field(default_factory=dict)  # flat indices whose original no preimage gives
     fix_value: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def fixed_elements(self) -> int:
-        return sum(int(i.numel()) for i in self.fix_index.values())
+    def kept_bytes(self) -> int:
+        """Bytes kept to revert beyond the factors: choices and fix-ups."""
+        return sum(int(t.numel() * t.element_size()) for d in (self.choices, self.fix_index, self.fix_value) for t in d.values())
 
 
-def merge_in_place(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> MergeRecord:
+def _chunks_with_noise(w: torch.Tensor, rounding: Rounding, seed: int):
+    """Row chunks of ``w`` with the rounding noise of each, the same at merge and revert."""
+    generator = torch.Generator(device=w.device).manual_seed(seed)
+    for start, stop in for_each_chunk(w):
+        chunk = w[start:stop]
+        noise = draw_noise(chunk.shape, generator) if rounding == "stochastic" and is_rounded(w.dtype) else None
+        yield start, stop, chunk, noise
+
+
+def merge_in_place(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+                   rounding: Rounding = "stochastic") -> MergeRecord:
     """Add each ``scaling * B @ A`` into ``<module>.weight`` of ``model`` in place
-    (the tensors the server computes with), one module at a time."""
-    record = MergeRecord(factors=factors)
+    (the tensors the server computes with), computed in fp32 and written once with
+    ``rounding``, one chunk of one module at a time."""
+    record = MergeRecord(factors=factors, rounding=rounding)
     with torch.no_grad():
         for name, (a, b, scaling) in factors.items():
             w = model.get_submodule(name).weight
-            original = w.detach().clone()
-            delta = lora_delta(a, b, scaling, w)
-            w.add_(delta)
-            back = w - delta
-            wrong = (back.view(-1) != original.view(-1)).nonzero().view(-1)
-            record.digests[name] = tensor_digest(original)
-            record.fix_index[name] = wrong.cpu()
-            record.fix_value[name] = original.view(-1)[wrong].cpu()
+            seed = record.seeds[name] = secrets.randbits(62)
+            digest, choices, fixes, values = hashlib.sha256(), [], [], []
+            for start, stop, chunk, noise in _chunks_with_noise(w, rounding, seed):
+                original = chunk.clone()
+                delta = delta_rows(a, b, scaling, start, stop, w.device)
+                chunk.copy_(round_to_(original.float() + delta, w.dtype, rounding, noise))
+                chosen, fix = choices_of(original, *preimages(chunk, delta, rounding, noise))
+                digest.update(_bytes(original))
+                choices.append(chosen.cpu())
+                fixes.append(fix.cpu() + start * original[0].numel())
+                values.append(original.view(-1)[fix].cpu())
+            record.digests[name] = digest.hexdigest()
+            record.choices[name], record.fix_index[name], record.fix_value[name] = map(torch.cat, (choices, fixes, values))
     return record
 
 
 def revert_in_place(model: torch.nn.Module, record: MergeRecord) -> bool:
-    """Subtract the merged deltas; returns True when every weight is back to its
-    original bits (checked by digest)."""
+    """Undo the merge; returns True when every weight is back to its original bits
+    (checked by digest before anything is written). If the weights were trained
+    after the merge, the deltas are subtracted and False is returned."""
     exact = True
     with torch.no_grad():
         for name, (a, b, scaling) in record.factors.items():
             w = model.get_submodule(name).weight
-            w.sub_(lora_delta(a, b, scaling, w))
-            index = record.fix_index[name].to(w.device)
-            candidate = w.view(-1).clone()
-            candidate[index] = record.fix_value[name].to(w.device, w.dtype)
-            if tensor_digest(candidate) == record.digests[name]:
-                w.view(-1)[index] = candidate[index]
-            else:
-                exact = False  # trained since the merge: the subtraction is all we can do
+            restored = list(_restored_chunks(w, a, b, scaling, record, name))
+            digest = hashlib.sha256()
+            for _, _, original in restored:
+                digest.update(_bytes(original))
+            if digest.hexdigest() == record.digests[name]:
+                for start, stop, original in restored:
+                    w[start:stop].copy_(original)
+            else:  # trained since the merge: the subtraction is all we can do
+                exact = False
+                generator = torch.Generator(device=w.device).manual_seed(secrets.randbits(62))
+                for start, stop in for_each_chunk(w):
+                    rows = w[start:stop]
+                    write(rows, rows.float() - delta_rows(a, b, scaling, start, stop, w.device), record.rounding, generator)
     return exact
+
+
+def _restored_chunks(w, a, b, scaling, record: MergeRecord, name: str):
+    """(start, stop, original rows) of ``w`` as ``record`` says they were before the merge."""
+    choices, fix_index, fix_value = record.choices[name], record.fix_index[name].to(w.device), record.fix_value[name]
+    used = 0
+    for start, stop, chunk, noise in _chunks_with_noise(w, record.rounding, record.seeds[name]):
+        candidates, matches = preimages(chunk, delta_rows(a, b, scaling, start, stop, w.device), record.rounding, noise)
+        n = int((matches.sum(0) > 1).sum())
+        taken = choices[used : used + n]
+        if taken.numel() != n:  # not the merged weights any more: the digest will say so
+            taken = torch.zeros(n, dtype=torch.uint8)
+        original = restore(candidates, matches, taken)
+        used += n
+        first, size = start * chunk[0].numel(), chunk.numel()
+        here = (fix_index >= first) & (fix_index < first + size)
+        original.view(-1)[fix_index[here] - first] = fix_value[here.cpu()].to(w.device, w.dtype)
+        yield start, stop, original
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .apollo import is_projected
+from .rounding import CHUNK_ELEMENTS, SCRATCH_TENSORS, is_rounded
 
 
 @dataclass(frozen=True)
@@ -20,16 +21,18 @@ class JobMemory:
     optimizer_state: int
     activations: int
     logits: int
+    rounding_scratch: int = 0  # fp32 temporaries of the chunked, rounded weight writes
 
     @property
     def total(self) -> int:
         # 20% for allocator fragmentation and temporaries not counted above.
-        return int(1.2 * (self.gradients + self.optimizer_state + self.activations + self.logits))
+        return int(1.2 * (self.gradients + self.optimizer_state + self.activations + self.logits + self.rounding_scratch))
 
     def describe(self) -> str:
         gib = 2**30
         return (f"{self.total / gib:.2f} GiB (gradients {self.gradients / gib:.2f}, optimizer state "
-                f"{self.optimizer_state / gib:.2f}, activations {self.activations / gib:.2f}, logits {self.logits / gib:.2f})")
+                f"{self.optimizer_state / gib:.2f}, activations {self.activations / gib:.2f}, logits {self.logits / gib:.2f}, "
+                f"rounding scratch {self.rounding_scratch / gib:.2f})")
 
 
 def estimate_job_memory(model: torch.nn.Module, micro_batch: int, seq_len: int, rank: int, new_optimizer: bool) -> JobMemory:
@@ -49,10 +52,10 @@ def estimate_job_memory(model: torch.nn.Module, micro_batch: int, seq_len: int, 
                 # Two low-rank moments and the projection matrix.
                 state += 3 * min(rank, min(p.shape)) * max(p.shape) * 4
             else:
-                state += 2 * p.numel() * p.element_size()
+                state += 2 * p.numel() * 4  # fp32 moments (training/apollo.py)
     tokens = micro_batch * seq_len
     hidden = config.hidden_size
-    inter = getattr(config, "intermediate_size", 4 * hidden)
+    inter = mlp_width(config)
     layers = config.num_hidden_layers
     heads = config.num_attention_heads
     # Saved for backward per token and layer: ~10 hidden-sized and 4 MLP-sized
@@ -60,7 +63,18 @@ def estimate_job_memory(model: torch.nn.Module, micro_batch: int, seq_len: int, 
     activations = tokens * layers * ((10 * hidden + 4 * inter) * elem + heads * seq_len * 4)
     # Logits in the model dtype, their fp32 copy, log-softmax and its gradient.
     logits = tokens * config.vocab_size * (elem + 3 * 4)
-    return JobMemory(gradients, state, activations, logits)
+    largest = max((p.numel() for _, p in params), default=0)
+    scratch = SCRATCH_TENSORS * 4 * min(largest, CHUNK_ELEMENTS) if any(is_rounded(p.dtype) for _, p in params) else 0
+    return JobMemory(gradients, state, activations, logits, scratch)
+
+
+def mlp_width(config) -> int:
+    """Intermediate activations per token of one layer's MLP: a MoE layer computes only
+    the experts each token is routed to (and its shared expert)."""
+    experts_per_token = getattr(config, "num_experts_per_tok", None)
+    if experts_per_token and getattr(config, "moe_intermediate_size", None):
+        return experts_per_token * config.moe_intermediate_size + (getattr(config, "shared_expert_intermediate_size", 0) or 0)
+    return getattr(config, "intermediate_size", None) or 4 * config.hidden_size
 
 
 def available_memory(device: torch.device) -> int:

@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from pydantic import Field
 
-from .apollo import ApolloHyper, ApolloStructure, apply_hyper, build_optimizer, optimizer_state_bytes
+from .apollo import ApolloHyper, ApolloStructure, apply_hyper, build_optimizer, is_projected, optimizer_state_bytes
 from .batches import Sample, collate
 from .losses import continuation_nll
 from .optimizer_state import load_optimizer_state, optimizer_state_to_bytes, read_extra
+from .rounding import Rounding, default_rounding, rounding_generator, small_update_warning, typical_spacing
 
 
 class SFTOptions(ApolloStructure, ApolloHyper):
@@ -59,6 +60,7 @@ class SFTResult:
     optimizer_reset: bool = False
     optimizer_step: int = 0  # global step count after this job
     stopped_early: bool = False
+    rounding: Rounding = "nearest"  # how updates were written into bf16/fp16 weights
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -103,6 +105,13 @@ class SFTTrainer:
         self.hyper: ApolloHyper | None = None
         self.global_step = 0
         self.device = next(model.parameters()).device
+        # The smallest change a typical projected weight can hold (None in fp32).
+        self.weight_spacing = typical_spacing([p for n, p in model.named_parameters() if is_projected(n, p)])
+
+    def warnings(self, n_samples: int, options: SFTOptions) -> list[str]:
+        """What a user should know before this job runs (a learning rate too small for the weights' dtype)."""
+        warning = small_update_warning(options.lr, count_steps(n_samples, options), self.weight_spacing)
+        return [warning] if warning else []
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -153,6 +162,9 @@ class SFTTrainer:
             self.optimizer = build_optimizer(self.model, structure, options.hyper())
             self.structure = structure
         self.hyper = options.hyper()
+        result.rounding = self.hyper.rounding or default_rounding(self.model)
+        self.optimizer.rounding = result.rounding
+        self.optimizer.generator = rounding_generator(self.device, options.seed, self.global_step)
 
         plan = plan_steps(len(samples), options)
         result.loss_before = self.evaluate(samples, options.micro_batch_size)

@@ -33,20 +33,27 @@ class Adapter(BaseModel):
     revert_exact: bool | None = None
 
 
+KEPT = ("choices", "fix_index", "fix_value")  # MergeRecord's per-module tensors besides the factors
+
+
 def record_to_bytes(record: MergeRecord) -> tuple[bytes, dict]:
-    """The factors and the fix-ups in one safetensors file; scalings and digests as JSON."""
+    """The factors and what the revert needs in one safetensors file; scalings,
+    noise seeds, digests and the rounding as JSON."""
     factors = factor_tensors(record.factors)
-    fixes = {f"{n}.{k}": t for n in record.factors for k, t in (("fix_index", record.fix_index[n]), ("fix_value", record.fix_value[n]))}
-    meta = {n: {"scaling": s, "digest": record.digests[n]} for n, (_, _, s) in record.factors.items()}
-    return save({**factors, **fixes}), meta
+    kept = {f"{n}.{k}": getattr(record, k)[n] for n in record.factors for k in KEPT}
+    meta = {n: {"scaling": s, "digest": record.digests[n], "seed": record.seeds[n], "rounding": record.rounding}
+            for n, (_, _, s) in record.factors.items()}
+    return save({**factors, **kept}), meta
 
 
 def record_from_bytes(data: bytes, meta: dict) -> MergeRecord:
-    record = MergeRecord(factors=factors_from_bytes(data, {n: m["scaling"] for n, m in meta.items()}))
+    rounding = next(iter(meta.values()))["rounding"] if meta else "stochastic"
+    record = MergeRecord(factors=factors_from_bytes(data, {n: m["scaling"] for n, m in meta.items()}), rounding=rounding)
     t = load(data)
     for name, m in meta.items():
-        record.digests[name] = m["digest"]
-        record.fix_index[name], record.fix_value[name] = t[f"{name}.fix_index"], t[f"{name}.fix_value"]
+        record.digests[name], record.seeds[name] = m["digest"], m["seed"]
+        for k in KEPT:
+            getattr(record, k)[name] = t[f"{name}.{k}"]
     return record
 
 

@@ -57,12 +57,12 @@ class JobBook:
                 failed.append(info)
         return failed
 
-    def add(self, op: JobRequest, n_samples: int, skipped_ids: list[str]) -> JobInfo:
+    def add(self, op: JobRequest, n_samples: int, skipped_ids: list[str], warnings: list[str] | None = None) -> JobInfo:
         with self.cv:
             if len(self.pending) >= self.max_queued:
                 raise OpError("busy", f"{len(self.pending)} jobs are queued, the limit is {self.max_queued}; retry later")
             info = JobInfo(job_id=f"job-{secrets.token_hex(6)}", trainer_id=self.trainer_id, mode=op.mode, state="queued",
-                           n_samples=n_samples, skipped_ids=skipped_ids, submitted_at=time.time())
+                           n_samples=n_samples, skipped_ids=skipped_ids, warnings=warnings or [], submitted_at=time.time())
             job = Job(op, info)
             self.journal.save(info, op)  # durable before the caller hears "queued"
             self.jobs[info.job_id] = job

@@ -2,9 +2,12 @@
 
 Written once by the worker-side plugin after the model is loaded (before
 warm-up), as JSON next to the shared-memory arena. It names every parameter of
-vLLM's model, where its bytes are (an offset into the arena file on CPU, a CUDA
-IPC handle on GPU), and how Hugging Face parameters are slices of it (vLLM fuses
-q/k/v and gate/up along dim 0 and pads vocabulary rows).
+vLLM's model and where its bytes are (an offset into the arena file on CPU, a
+CUDA IPC handle on GPU), and where each Hugging Face tensor lies in them, as a
+strided view (vLLM fuses q/k/v and gate/up, stacks experts, pads vocabulary
+rows): once for the transformers model's parameters (what the trainer binds) and
+once for the checkpoint's tensors (what a checkpoint sync writes). Tensors that
+are not views of what vLLM computes with are named, with the reason.
 """
 
 from __future__ import annotations
@@ -16,18 +19,21 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 ARENA_NAME = "weights.bin"  # the CPU weight arena, beside the manifest
 
 
-class HFSlice(BaseModel):
-    """A Hugging Face parameter that is rows [start, stop) of a vLLM tensor."""
+class HFView(BaseModel):
+    """A Hugging Face tensor that is ``t.as_strided(shape, stride, t.storage_offset() + offset)``
+    of the vLLM tensor ``t`` named ``tensor``."""
 
     model_config = ConfigDict(extra="forbid")
     name: str
-    start: int
-    stop: int
+    tensor: str
+    offset: int  # elements from the vLLM tensor's first element
+    shape: list[int]
+    stride: list[int]
 
 
 class CudaIpcHandle(BaseModel):
@@ -57,7 +63,6 @@ class TensorEntry(BaseModel):
     nbytes: int
     offset: int | None = None  # byte offset into the arena (CPU)
     cuda_ipc: CudaIpcHandle | None = None
-    hf: list[HFSlice]
 
 
 class Manifest(BaseModel):
@@ -72,6 +77,10 @@ class Manifest(BaseModel):
     arena: str | None = None
     arena_bytes: int = 0
     tensors: list[TensorEntry] = []
+    model_class: str | None = None  # the transformers class ``views`` are parameters of
+    views: list[HFView] = []  # its parameters (tied ones once)
+    checkpoint_views: list[HFView] = []  # the checkpoint's tensors, by their names in the safetensors files
+    not_views: dict[str, str] = {}  # transformers parameter -> why it is not a view of what vLLM computes with
     worker_pid: int
     vllm_version: str
     # Set when training cannot work with this server (e.g. tensor parallel);

@@ -142,6 +142,15 @@ class CheckpointOp(BaseModel):
     target: str | None = None  # default: the served model's directory
 
 
+class ParityOp(BaseModel):
+    """vLLM's log-probabilities of the trainer's probe prompt (positions 1..n-1), from
+    the engine: the trainer compares its own and opens training, or keeps it off."""
+
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["parity"] = "parity"
+    engine_logprobs: list[float] = Field(min_length=1)
+
+
 class TokenLogprobsOp(BaseModel):
     """log P(token_ids[p] | token_ids[:p]) for p >= 1, from the trainer's model."""
 
@@ -151,7 +160,7 @@ class TokenLogprobsOp(BaseModel):
 
 
 Op = Annotated[Union[StatusOp, SubmitOp, SubmitBTRMOp, SubmitCircuitBreakerOp, SubmitRevertOp, SubmitReadoutOp, JobOp, CancelOp, CheckpointOp,
-                     TokenLogprobsOp, HeadScoresOp], Field(discriminator="op")]
+                     TokenLogprobsOp, HeadScoresOp, ParityOp], Field(discriminator="op")]
 # What the journal keeps.
 JobRequest = Annotated[Union[SubmitOp, SubmitBTRMOp, SubmitCircuitBreakerOp, SubmitRevertOp, SubmitReadoutOp],
                       Field(discriminator="op")]
@@ -204,6 +213,7 @@ class JobInfo(BaseModel):
     state: JobState
     n_samples: int
     skipped_ids: list[str] = []  # sample ids already in the ledger, not trained again
+    warnings: list[str] = []  # known at submission, e.g. a learning rate too small for bf16 weights
     step: int = 0
     total_steps: int = 0
     submitted_at: float

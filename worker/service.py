@@ -41,7 +41,9 @@ from hogwild.training.lora import (
     merge_in_place,
     revert_in_place,
 )
+from hogwild.training.hf_model import is_vision_language
 from hogwild.training.memory import available_memory, estimate_job_memory
+from hogwild.training.rounding import default_rounding
 from hogwild.training.sft import SFTOptions, SFTTrainer
 
 from .adapters import Adapter, AdapterBook
@@ -50,6 +52,7 @@ from .jobs import Job, JobBook
 from .journal import JobJournal
 from .ledger import Ledger
 from .manifest import Manifest, read_manifest
+from .parity import compare, first_differing_tensor, probe_ids
 from .process_memory import memory_snapshot, release_free_heap
 from .protocol import (
     CancelOp,
@@ -60,6 +63,7 @@ from .protocol import (
     JobInfo,
     JobOp,
     OpError,
+    ParityOp,
     Reply,
     Request,
     StatusOp,
@@ -70,7 +74,7 @@ from .protocol import (
     SubmitRevertOp,
     TokenLogprobsOp,
 )
-from .views import UnsupportedModel, bind_views, model_skeleton, shared_parameter_bytes
+from .views import UnsupportedModel, bind_views, model_skeleton, served_views, shared_parameter_bytes
 
 logger = logging.getLogger("hogwild.worker")
 
@@ -82,7 +86,7 @@ class TrainerService:
         self.session = session
         self.state_dir = state_dir
         self.manifest_timeout = manifest_timeout
-        self.state = "starting"  # starting | ready | unsupported | failed
+        self.state = "starting"  # starting | verifying (the parity gate) | ready | unsupported | failed
         self.reason: str | None = None
         self.manifest: Manifest | None = None
         self.model = None
@@ -111,6 +115,10 @@ class TrainerService:
         self.adapter_attached = False  # a LoRA is on the view model: readers must wait
         self.optimizer_state_bytes = 0
         self.binding_private_bytes: int | None = None
+        self.frozen: dict[str, str] = {}  # parameters kept frozen (not views of the served weights), with why
+        self.parity: dict = {"state": "pending"}
+        self.vision_tower: str | None = None  # a vision-language model's tower: what happens to it
+        self.gate_done = threading.Event()  # the parity gate has decided (or loading failed): jobs may run
         self.shared_param_bytes = 0
         self.param_bytes = 0
         self.stopping = False
@@ -142,7 +150,10 @@ class TrainerService:
             skeleton = model_skeleton(self.manifest)
             release_free_heap()
             before = memory_snapshot()
-            model = bind_views(skeleton, self.manifest)
+            self.frozen = bind_views(skeleton, self.manifest)
+            model = skeleton
+            if is_vision_language(self.manifest.model):
+                self.vision_tower = "not trained: the trainer builds the language model only"
             release_free_heap()
             after = memory_snapshot()
             # What binding the weights cost in private memory: ~0 with views, ~model size with a copy.
@@ -162,8 +173,28 @@ class TrainerService:
         pad = getattr(config, "pad_token_id", None)
         self.trainer = SFTTrainer(model, pad_id=int(pad) if isinstance(pad, int) and 0 <= pad < self.vocab_size else 0)
         self._restore()
-        self.state = "ready"
-        logger.info("trainer ready: %s (%s, %d tensors)", self.manifest.model, self.manifest.dtype, len(self.manifest.tensors))
+        self.parity = {"state": "pending", "probe_ids": probe_ids(self.vocab_size)}
+        self.state = "verifying"  # until an API server brings vLLM's log-probabilities of the probe (ParityOp)
+        logger.info("trainer bound: %s (%s, %d tensors); checking its forward against vLLM's", self.manifest.model,
+                    self.manifest.dtype, len(self.manifest.tensors))
+
+    def verify_parity(self, engine_logprobs: list[float]) -> dict:
+        """The parity gate (``parity.py``): ready if the trainer's forward matches vLLM's, else training stays off."""
+        if self.state != "verifying":
+            return self.parity
+        result = compare(self._logprobs(self.parity["probe_ids"]), engine_logprobs, self.manifest.dtype)
+        if not result.passed:
+            result.first_differing_tensor = first_differing_tensor(dict(self.model.named_parameters()), self.model_dir())
+        self.parity.update(state="passed" if result.passed else "failed", max_abs_diff=result.max_abs_diff,
+                           position=result.position, tolerance=list(result.tolerance),
+                           first_differing_tensor=result.first_differing_tensor)
+        if result.passed:
+            self.state = "ready"
+            self.gate_done.set()
+            logger.info("trainer ready: its forward matches vLLM's (max |d log p| %.3g)", result.max_abs_diff)
+        else:
+            self._fail("unsupported", result.reason())
+        return self.parity
 
     def model_dir(self) -> Path:
         return Path(self.manifest.model)
@@ -195,13 +226,14 @@ class TrainerService:
     def _fail(self, state: str, reason: str) -> None:
         self.state, self.reason = state, reason
         logger.error("trainer %s: %s", state, reason)
+        self.gate_done.set()
 
     # ---- requests -------------------------------------------------------
 
     def handle(self, request: Request, client: bytes) -> Reply | None:
         """The reply, or None when the op runs on the model thread and its reply
         goes to ``outbox`` later (the transport never waits for the model)."""
-        if isinstance(request.body, (TokenLogprobsOp, CheckpointOp)):
+        if isinstance(request.body, (TokenLogprobsOp, CheckpointOp, ParityOp)):
             self.model_ops.submit(lambda: self.outbox.put((client, self._answer(request))))
             return None
         if isinstance(request.body, HeadScoresOp):  # reads the model without waiting for jobs (HOGWILD)
@@ -234,6 +266,8 @@ class TrainerService:
                 result = {"logprobs": self.token_logprobs(body.token_ids)}
             elif isinstance(body, CheckpointOp):
                 result = self.checkpoint(body.target)
+            elif isinstance(body, ParityOp):
+                result = self.verify_parity(body.engine_logprobs)
             else:  # pragma: no cover - the union is exhaustive
                 raise OpError("invalid", f"unknown op {body!r}")
             return Reply(id=request.id, ok=True, result=result)
@@ -248,6 +282,8 @@ class TrainerService:
             return
         if self.state == "starting":
             raise OpError("unavailable", "the trainer is still starting")
+        if self.state == "verifying":
+            raise OpError("unavailable", "the trainer is checking that its forward matches vLLM's (the parity gate)")
         raise OpError("unsupported" if self.state == "unsupported" else "unavailable", self.reason or self.state)
 
     def submit(self, op: SubmitOp) -> JobInfo:
@@ -264,7 +300,7 @@ class TrainerService:
                 skipped.append(s.id)
             elif s.id is not None:
                 seen.add(s.id)
-        return self.jobs.add(op, len(op.samples), skipped)
+        return self.jobs.add(op, len(op.samples), skipped, self.trainer.warnings(len(op.samples), op.options))
 
     def submit_btrm(self, op: SubmitBTRMOp) -> JobInfo:
         self._require_ready()
@@ -365,7 +401,8 @@ class TrainerService:
             try:
                 if not (directory / "config.json").exists():
                     copy_model_dir(source, directory)
-                tensors = {name: p.data for name, p in self.model.named_parameters()}
+                # By the checkpoint's own names (transformers may fuse what the files keep apart).
+                tensors = served_views(self.model.hogwild_served_tensors, self.manifest.checkpoint_views)
                 report = sync(tensors, directory).as_dict()
                 state = self.trainer.save_state()
                 files = {"ledger.jsonl": self.ledger.path.read_bytes() if self.ledger.path.exists() else b""}
@@ -442,6 +479,10 @@ class TrainerService:
         self._require_ready()
         if max(token_ids) >= self.vocab_size:
             raise OpError("invalid", f"token id {max(token_ids)} is outside the vocabulary (size {self.vocab_size})")
+        return self._logprobs(token_ids)
+
+    def _logprobs(self, token_ids: list[int]) -> list[float]:
+        """log P(token_ids[p] | token_ids[:p]) for p >= 1, from the trainer's model."""
         device = next(self.model.parameters()).device
         with self.model_lock, torch.no_grad():
             ids = torch.tensor([token_ids], device=device)
@@ -462,6 +503,10 @@ class TrainerService:
             "architectures": self.manifest.architectures if self.manifest else [],
             "dtype": self.manifest.dtype if self.manifest else None,
             "backend": self.manifest.backend if self.manifest else None,
+            "model_class": self.manifest.model_class if self.manifest else None,
+            "frozen": self.frozen,
+            "parity": self.parity,
+            "vision_tower": self.vision_tower,
             "queue": [j.model_dump() for j in queued],
             "running": running.model_dump() if running else None,
             "recent": [j.model_dump() for j in recent],
@@ -481,6 +526,10 @@ class TrainerService:
                 "structure": trainer.structure.model_dump() if trainer and trainer.structure else None,
                 "hyper": trainer.hyper.model_dump() if trainer and trainer.hyper else None,
                 "state_bytes": self.optimizer_state_bytes,
+                # How updates are written into the weights: the last job's, else the default for their dtype.
+                "rounding": (trainer.optimizer.rounding if trainer.optimizer is not None else default_rounding(self.model))
+                if trainer else None,
+                "weight_spacing": trainer.weight_spacing if trainer else None,
             },
             "memory": {
                 **memory,
@@ -496,6 +545,8 @@ class TrainerService:
 
     def job_loop(self) -> None:
         self.load()
+        while not self.stopping and not self.gate_done.wait(0.5):
+            pass  # jobs recovered from the journal wait for the parity gate
         while not self.stopping:
             job = self.jobs.next(lambda: self.stopping, on_idle=self.scheduled_sync)
             if job is not None:

@@ -4,19 +4,14 @@ optimizer makes is what vLLM computes with on its next step."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from hogwild.training.hf_model import UnsupportedModel, skeleton
+
 from .manifest import Manifest
-
-# Architectures whose vLLM implementation has been checked, end to end, to map
-# onto the transformers class parameter for parameter.
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
-
-
-class UnsupportedModel(RuntimeError):
-    """The served model cannot be trained by this plugin; the message says why."""
 
 
 def map_tensors(manifest: Manifest) -> dict[str, torch.Tensor]:
@@ -52,63 +47,98 @@ def _open_cuda_ipc(entry) -> torch.Tensor:
     return _rebuild_tensor(typed, ipc.tensor_offset, tuple(entry.shape), tuple(ipc.stride))
 
 
-def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if leaf not in module._parameters:
-        raise KeyError(name)
-    expected = module._parameters[leaf].shape
-    if tuple(expected) != tuple(value.shape):
-        raise UnsupportedModel(f"{name}: the served tensor has shape {tuple(value.shape)}, transformers expects {tuple(expected)}")
-    setattr(module, leaf, torch.nn.Parameter(value, requires_grad=True))
+def _set_parameter(model: torch.nn.Module, names: list[str], value: torch.Tensor, requires_grad: bool = True) -> None:
+    """Make ``value`` the parameter under each of ``names`` (several when tied)."""
+    parameter = None
+    for name in names:
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        expected = module._parameters[leaf].shape
+        if tuple(expected) != tuple(value.shape):
+            raise UnsupportedModel(f"{name}: the served tensor has shape {tuple(value.shape)}, transformers expects {tuple(expected)}")
+        if parameter is None:
+            parameter = torch.nn.Parameter(value, requires_grad=requires_grad)
+        setattr(module, leaf, parameter)
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Parameter name -> every name of the same parameter (tied weights have several)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {name: group for group in names.values() for name in group}
 
 
 def model_skeleton(manifest: Manifest, model_dir: str | Path | None = None):
     """The transformers model for the served one, with parameters on the meta
-    device (no memory) and real buffers (rotary tables).
-
-    Raises ``UnsupportedModel`` when the architecture is not supported.
-    """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    device (no memory) and real buffers; raises ``UnsupportedModel`` with the reason."""
     if manifest.unsupported:
         raise UnsupportedModel(manifest.unsupported)
-    config = AutoConfig.from_pretrained(str(model_dir or manifest.model))
-    archs = list(getattr(config, "architectures", None) or manifest.architectures)
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise UnsupportedModel(
-            f"architecture {', '.join(archs) or '(none)'} is not supported for training; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, manifest.dtype), attn_implementation="sdpa")
+    model = skeleton(model_dir or manifest.model, getattr(torch, manifest.dtype))
+    if manifest.model_class and type(model).__name__ != manifest.model_class:
+        raise UnsupportedModel(f"the served weights were mapped for {manifest.model_class}, transformers builds "
+                               f"{type(model).__name__} here: plugin and trainer see different transformers")
+    return model
 
 
-def bind_views(model: torch.nn.Module, manifest: Manifest) -> torch.nn.Module:
+def checkpoint_tensor(model_dir: Path, name: str) -> torch.Tensor | None:
+    """``name`` read from the model directory's safetensors files, or None."""
+    from safetensors import safe_open
+
+    index = model_dir / "model.safetensors.index.json"
+    files = sorted({(model_dir / f) for f in json.loads(index.read_text())["weight_map"].values()}) if index.exists() \
+        else sorted(model_dir.glob("*.safetensors"))
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            if name in f.keys():
+                return f.get_tensor(name)
+    return None
+
+
+def served_views(tensors: dict[str, torch.Tensor], views) -> dict[str, torch.Tensor]:
+    """HF name -> its view of the mapped vLLM tensors."""
+    out = {}
+    for view in views:
+        if view.tensor not in tensors:
+            raise UnsupportedModel(f"{view.name} maps to vLLM tensor {view.tensor}, which was not published")
+        base = tensors[view.tensor]
+        out[view.name] = base.as_strided(view.shape, view.stride, base.storage_offset() + view.offset)
+    return out
+
+
+def bind_views(model: torch.nn.Module, manifest: Manifest, model_dir: str | Path | None = None) -> dict[str, str]:
     """Make every parameter of ``model`` a view of the served weights.
 
-    Raises ``UnsupportedModel`` naming any parameter that cannot be matched.
+    A parameter that is not a view of what vLLM computes with (``manifest.not_views``)
+    is loaded from the checkpoint as a private, frozen copy when the checkpoint holds
+    it under that name: vLLM's copy never changes either, so the two stay equal.
+    Returns those frozen names with the reason; raises ``UnsupportedModel`` naming
+    any parameter that can be neither.
     """
     tensors = map_tensors(manifest)
+    model.hogwild_served_tensors = tensors
     model.hogwild_served_storages = {t.untyped_storage().data_ptr() for t in tensors.values()}
-    for entry in manifest.tensors:
-        for part in entry.hf:
-            try:
-                _set_parameter(model, part.name, tensors[entry.name][part.start : part.stop])
-            except (KeyError, AttributeError):
-                raise UnsupportedModel(
-                    f"vLLM parameter {entry.name} maps to {part.name}, which {type(model).__name__} does not have"
-                ) from None
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    aliases = _aliases(model)
+    for name, value in served_views(tensors, manifest.views).items():
+        if name not in aliases:
+            raise UnsupportedModel(f"the served weights map {name}, which {type(model).__name__} does not have")
+        _set_parameter(model, aliases[name], value)
+    frozen = {}
+    directory = Path(model_dir or manifest.model)
+    for name, reason in manifest.not_views.items():
+        value = checkpoint_tensor(directory, name) if directory.is_dir() and name in aliases else None
+        if value is None:
+            raise UnsupportedModel(f"{name} is not a view of the served weights ({reason}), and the checkpoint has no "
+                                   "tensor of that name to keep it frozen")
+        _set_parameter(model, aliases[name], value.to(getattr(torch, manifest.dtype)), requires_grad=False)
+        frozen[name] = reason
     unbound = [name for name, p in model.named_parameters() if p.is_meta]
     if unbound:
         raise UnsupportedModel(f"parameters with no served counterpart: {', '.join(unbound[:8])}")
     device = next(iter(tensors.values())).device
-    model.to(device)  # buffers only: the parameters already live there
+    model.to(device)  # buffers and frozen copies: the views already live there
     model.eval()  # no dropout; gradients still flow
-    return model
+    return frozen
 
 
 def shared_parameter_bytes(model: torch.nn.Module) -> int:
@@ -120,4 +150,6 @@ def shared_parameter_bytes(model: torch.nn.Module) -> int:
 
 def build_view_model(manifest: Manifest, model_dir: str | Path | None = None):
     """A transformers causal LM whose parameters are views of the served weights."""
-    return bind_views(model_skeleton(manifest, model_dir), manifest)
+    model = model_skeleton(manifest, model_dir)
+    bind_views(model, manifest, model_dir)
+    return model

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hogwild.worker.manifest import read_manifest
 from hogwild.worker.protocol import TokenLogprobsOp
-from hogwild.worker.views import map_tensors
+from hogwild.worker.views import map_tensors, served_views
 
 pytestmark = pytest.mark.server
 
@@ -44,12 +44,10 @@ def hf_model_with_served_weights(served):
     server holds now: an independent reference for vLLM's numbers."""
     model = AutoModelForCausalLM.from_pretrained(served.model_dir, dtype=torch.float32)
     manifest = read_manifest(served.session)
-    served_tensors = map_tensors(manifest)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for entry in manifest.tensors:
-            for part in entry.hf:
-                params[part.name].copy_(served_tensors[entry.name][part.start : part.stop])
+        for name, value in served_views(map_tensors(manifest), manifest.views).items():
+            params[name].copy_(value)
     return model.eval()
 
 

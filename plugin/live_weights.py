@@ -1,0 +1,129 @@
+"""Keep vLLM's CPU weights live: the tensors it computes with are the parameters.
+
+After loading, vLLM's CPU backend lays some weights out anew for its fast
+kernels, and computes with the copy; an in-place update of the parameter would
+then change nothing, and the dry-run mapping (``weight_mapping``) would point at
+memory that no longer holds the weight. Three places do this in vLLM 0.32:
+
+- linear layers: repacked for oneDNN, ``layer.weight`` emptied
+  (``dispatch_cpu_unquantized_gemm``): computed with ``F.linear`` instead;
+- Gated DeltaNet's causal conv1d weight ([C, 1, K]) in bf16: packed by the same
+  dispatch; kept, and the conv kernels told it is not packed;
+- MoE experts: the intermediate size padded and ``w13``/``w2`` replaced by
+  prepacked copies (``CPUUnquantizedExperts.process_weights_after_loading``):
+  kept as loaded, and the experts computed in torch from them, expert by expert.
+
+Each patch applies only where training is possible (``training_possible``); else
+vLLM's fast paths stay. GPU backends compute with the loaded tensors already; any
+backend that rewrites a weight after loading is caught by ``watch_post_load`` and
+that weight is not mapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def patch_cpu_dispatch(training_possible: Callable[[], bool]) -> None:
+    """Linear weights computed with ``F.linear`` on the live parameter; conv1d weights left unpacked."""
+    from vllm.model_executor.layers import utils
+
+    original = utils.dispatch_cpu_unquantized_gemm
+    if getattr(original, "hogwild_original", None):
+        return
+
+    def dispatch_live_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
+        w = layer.weight
+        if w.is_meta or not training_possible():
+            return original(layer, remove_weight)
+        if w.ndim == 2:
+            layer.cpu_linear = torch.nn.functional.linear
+        elif not (w.ndim == 3 and w.shape[1] == 1):  # conv1d [C, 1, K] stays as loaded
+            return original(layer, remove_weight)
+
+    dispatch_live_weight.hogwild_original = original
+    utils.dispatch_cpu_unquantized_gemm = dispatch_live_weight
+    _patch_conv_kernels()
+
+
+def _patch_conv_kernels() -> None:
+    """Gated DeltaNet's CPU conv kernels take the [C, K] view of an unpacked [C, 1, K] weight."""
+    try:
+        from vllm.model_executor.layers.mamba.ops.cpu import gdn_attention
+    except ImportError:
+        return
+
+    def unpacked(kernel):
+        def call(*, weight, is_weight_packed, **kwargs):
+            if weight.ndim == 3:
+                weight, is_weight_packed = weight.view(weight.shape[0], weight.shape[2]), False
+            return kernel(weight=weight, is_weight_packed=is_weight_packed, **kwargs)
+
+        return call
+
+    for name in ("_causal_conv1d_fwd_cpu", "_causal_conv1d_update_cpu"):
+        kernel = getattr(gdn_attention, name, None)
+        if kernel is not None and not hasattr(kernel, "hogwild_original"):
+            wrapped = unpacked(kernel)
+            wrapped.hogwild_original = kernel
+            setattr(gdn_attention, name, wrapped)
+
+
+def torch_experts(output, hidden_states, w13, w2, w13_bias, w2_bias, topk_weights, topk_ids, activation: str,
+                  apply_router_weight_on_input: bool, expert_map=None) -> None:
+    """What vLLM's fused MoE computes, from [E, 2I, H] / [E, H, I] weights (gate rows
+    first in w13), one active expert at a time, as transformers does."""
+    act = _ACTIVATIONS[activation]
+    total = torch.zeros(hidden_states.shape[0], w2.shape[1], dtype=torch.float32, device=hidden_states.device)
+    ids = topk_ids if expert_map is None else expert_map[topk_ids.long()]
+    for e in torch.unique(ids).tolist():
+        if e < 0:
+            continue
+        token, slot = torch.where(ids == e)
+        h = hidden_states[token] @ w13[e].t()
+        if w13_bias is not None:
+            h = h + w13_bias[e]
+        gate, up = h.chunk(2, dim=-1)
+        y = (act(gate) * up) @ w2[e].t()
+        if w2_bias is not None:
+            y = y + w2_bias[e]
+        if not apply_router_weight_on_input:  # else already applied to the inputs
+            y = y * topk_weights[token, slot].unsqueeze(-1).to(y.dtype)
+        total.index_add_(0, token, y.float())
+    output.copy_(total.to(output.dtype))
+
+
+def patch_cpu_moe(training_possible: Callable[[], bool]) -> None:
+    """CPU MoE experts kept as loaded and computed in torch (see ``torch_experts``)."""
+    try:
+        from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+    except ImportError:
+        return
+    cls = cpu_moe.CPUUnquantizedExperts
+    if getattr(cls.process_weights_after_loading, "hogwild_original", None):
+        return
+    original_process, original_apply = cls.process_weights_after_loading, cls.apply
+
+    def process_weights_after_loading(self, layer):
+        self.hogwild_live = training_possible()
+        if not self.hogwild_live:
+            return original_process(self, layer)
+        self._use_zentorch = False
+
+    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts, expert_map,
+              a1q_scale, a2_scale, workspace13, workspace2, expert_tokens_meta, apply_router_weight_on_input):
+        if not getattr(self, "hogwild_live", False):
+            return original_apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
+                                  global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
+                                  expert_tokens_meta, apply_router_weight_on_input)
+        torch_experts(output, hidden_states, w1, w2, self.w1_bias, self.w2_bias, topk_weights, topk_ids,
+                      str(activation.value).lower(), apply_router_weight_on_input, expert_map)
+
+    process_weights_after_loading.hogwild_original = original_process
+    cls.process_weights_after_loading = process_weights_after_loading
+    cls.apply = apply

@@ -33,8 +33,8 @@ STEPS = 30
 
 def _samples(tokenizer, n: int = 4, length: int = 96):
     """``n`` samples of ``length`` tokens from the story corpus: a third context, the rest continuation."""
-    from hogwild.training.batches import Sample
     from hogwild.tiny_model import corpus_files
+    from hogwild.training.batches import Sample
 
     ids = tokenizer.encode(" ".join(f.read_text() for f in corpus_files()[:16]))
     cut = length // 3

@@ -107,6 +107,7 @@ class Family:
     serve_dtype: str | None = None  # the dtype vLLM's CPU backend needs, when it needs one
     perturb: bool = True
     vision: dict | None = None  # a vision-language model: its vision tower's config (the text config is the family's)
+    trains: str | None = None  # the transformers class that trains, when not ``model`` (a VL model's language model)
     serve_args: tuple[str, ...] = ()  # what `vllm serve` needs besides
 
 
@@ -143,7 +144,7 @@ FAMILIES = {
                          dict(head_dim=32, **_GATED_DELTANET,
                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
                                                "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
-                         serve_dtype="bfloat16", serve_args=("--language-model-only",),
+                         serve_dtype="bfloat16", serve_args=("--language-model-only",), trains="Qwen3_5ForCausalLM",
                          vision=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, in_channels=3,
                                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
                                      num_position_embeddings=256)),
@@ -198,11 +199,28 @@ def build(out: Path, dtype: str = "float32", preset: str = "tiny", seed: int = 0
     # Greedy by default; no sampling settings that would surprise a test.
     GenerationConfig(eos_token_id=common["eos_token_id"], pad_token_id=common["pad_token_id"]).save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if family.vision is not None:
+        write_image_processor(out, family.vision)
     (out / "hogwild_tiny_model.json").write_text(
         json.dumps({"arch": arch, "kind": family.kind, "serve_dtype": family.serve_dtype, "preset": preset, "dtype": dtype,
                     "seed": seed, **asdict(shape)}, indent=2) + "\n"
     )
     return out
+
+
+def write_image_processor(out: Path, vision: dict) -> None:
+    """Qwen-VL preprocessor configs, written by hand: saving transformers' processor needs
+    its video processor, which needs torchvision."""
+    image = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor", "do_resize": True,
+             "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3,
+             "image_std": [0.5] * 3, "do_convert_rgb": True, "patch_size": vision["patch_size"],
+             "temporal_patch_size": vision["temporal_patch_size"], "merge_size": vision["spatial_merge_size"],
+             "size": {"shortest_edge": 32 * 32, "longest_edge": 128 * 128}}
+    video = {k: v for k, v in image.items() if k != "image_processor_type"} | {
+        "video_processor_type": "Qwen3VLVideoProcessor", "fps": 2, "min_frames": 4, "max_frames": 16}
+    (out / "preprocessor_config.json").write_text(json.dumps(image, indent=2) + "\n")
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2) + "\n")
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor"}, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 from .vllm_internals import (
+    LAYERWISE_INFO,
     BakeSink,
     FakeRDTTensor,
-    LAYERWISE_INFO,
     initialize_layerwise_reload,
     install_recording_stamps,
     restore_after_dry_run,

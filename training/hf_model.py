@@ -56,6 +56,12 @@ def skeleton(model_dir: str | Path, dtype: torch.dtype) -> torch.nn.Module:
     except ValueError as exc:  # no causal LM class for this config
         raise UnsupportedModel(f"transformers has no causal LM for {type(config).__name__}: {exc}") from None
     model.tie_weights()  # not done under init_empty_weights
+    if is_vision_language(model_dir):
+        # The checkpoint holds the language model under a prefix (``model.language_model.*``).
+        # transformers' save-side conversion restores it only for a model it loaded itself.
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False)
     return model
 
 

@@ -29,18 +29,22 @@ from .hf_model import decoder_layers
 from .rounding import Rounding, choices_of, draw_noise, for_each_chunk, is_rounded, preimages, restore, round_to_, write
 
 
-
-def lora_targets(model: torch.nn.Module) -> list[str]:
-    """The linear layers of the decoder layers that an adapter adapts, by leaf name:
-    attention and MLP projections as the model has them (q_proj... or a fused
-    qkv_proj; Gated DeltaNet's in/out projections; shared experts), not MoE routers
-    (``gate``/``router`` with one output per expert, or a shared expert's 1-output
-    gate): their output is a routing decision, not a representation. Stacked
-    experts are 3-D parameters, not linear layers, and are not adapted."""
+def lora_targets(model: torch.nn.Module, layers: list[int] | None = None) -> list[str]:
+    """The linear layers an adapter adapts, by full module name, in ``layers`` (default:
+    every decoder layer): attention and MLP projections as the model has them (q_proj...
+    or a fused qkv_proj; Gated DeltaNet's in/out projections; shared experts), not MoE
+    routers (``gate``/``router`` with one output per expert, or a shared expert's
+    1-output gate): their output is a routing decision, not a representation. Stacked
+    experts are 3-D parameters, not linear layers, and are not adapted. Full names,
+    because peft matches a leaf name against parameters too (a MoE's stacked
+    ``experts.down_proj``)."""
     config = getattr(model, "config", None)
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
-    names = set()
-    for layer in decoder_layers(model):
+    module_names = {id(m): n for n, m in model.named_modules()}
+    names = []
+    for index, layer in enumerate(decoder_layers(model)):
+        if layers is not None and index not in layers:
+            continue
         for name, module in layer.named_modules():
             if not isinstance(module, torch.nn.Linear):
                 continue
@@ -48,8 +52,24 @@ def lora_targets(model: torch.nn.Module) -> list[str]:
             router = (leaf in ("gate", "router") and module.out_features == experts) or \
                 (leaf.endswith("gate") and module.out_features == 1)
             if not router:
-                names.add(leaf)
-    return sorted(names)
+                names.append(module_names[id(module)])
+    return names
+
+
+@contextmanager
+def _exact_targets() -> Iterator[None]:
+    """peft rewrites transformers-4 MoE target names for transformers 5 (``gate_proj`` ->
+    the stacked ``experts.gate_up_proj``), by suffix, so a shared expert's ``down_proj``
+    would land on the stacked experts. Our targets are transformers-5 module names
+    already: the rewrite is skipped while the adapter is attached."""
+    from peft.utils import transformers_weight_conversion as conversion
+
+    original = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = original
 
 
 @contextmanager
@@ -62,9 +82,9 @@ def attached_lora(model: torch.nn.Module, r: int = 16, alpha: int = 32, dropout:
     from peft import LoraConfig, get_peft_model
 
     before = {name: (p, p.requires_grad) for name, p in model.named_parameters()}
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets or lora_targets(model),
-                        layers_to_transform=layers, layers_pattern="layers" if layers is not None else None)
-    peft_model = get_peft_model(model, config)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets or lora_targets(model, layers))
+    with _exact_targets():
+        peft_model = get_peft_model(model, config)
     try:
         yield peft_model
     finally:

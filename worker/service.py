@@ -32,6 +32,7 @@ from hogwild.training.btrm_data import build_labelled_set
 from hogwild.training.btrm_run import encode, train_btrm_with_trunk_lora, train_on_features
 from hogwild.training.circuit_breaker import CircuitBreakerTrainer
 from hogwild.training.circuit_breaker_data import read_jsonl
+from hogwild.training.hf_model import is_vision_language
 from hogwild.training.lora import (
     attached_lora,
     factors_from_bytes,
@@ -41,7 +42,6 @@ from hogwild.training.lora import (
     merge_in_place,
     revert_in_place,
 )
-from hogwild.training.hf_model import is_vision_language
 from hogwild.training.memory import available_memory, estimate_job_memory
 from hogwild.training.rounding import default_rounding
 from hogwild.training.sft import SFTOptions, SFTTrainer

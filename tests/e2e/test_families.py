@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hogwild import tiny_model
 from hogwild.training.circuit_breaker_data import synthetic_samples
 from hogwild.worker.manifest import read_manifest, write_manifest
+from hogwild.worker.parity import compare
 from hogwild.worker.protocol import TokenLogprobsOp
 
 from ..conftest import ADMIN_KEY, LIMITS, start_served, train_readout_vectors
@@ -26,13 +27,20 @@ from .test_readout import ask, check, current_set, wait_idle
 pytestmark = pytest.mark.server
 
 READOUT_FAMILY = "qwen3_5"  # a hybrid (Gated DeltaNet + attention) family
-# |trainer or transformers - vLLM| per log-probability. vLLM's CPU kernels for Gated DeltaNet
-# run in bf16 only, so the hybrid families are served (and compared) in bf16.
+# |trainer or transformers - vLLM| per log-probability: 1e-4 in fp32. vLLM's CPU kernels for
+# Gated DeltaNet run in bf16 only, so the hybrid families are served (and compared) in bf16,
+# within the parity gate's bf16 tolerance (0.05 + 0.02 |log p|).
 TOLERANCE = {"float32": 1e-4, "bfloat16": 0.05}
 
 
 def _gap(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b))
+
+
+def agree(served: list[float], other: list[float], dtype: str) -> bool:
+    if dtype == "float32":
+        return _gap(served, other) < TOLERANCE[dtype]
+    return compare(other, served, dtype).passed
 
 
 @pytest.fixture(scope="module", params=list(tiny_model.FAMILIES))
@@ -44,7 +52,7 @@ def family(request, tmp_path_factory):
     env = {"HOGWILD_ADMIN_KEY": ADMIN_KEY, **LIMITS}
     if arch == READOUT_FAMILY:
         env["VLLM_READOUT_VECTORS"] = str(train_readout_vectors(model_dir, tmp / "readout", [0, 1]))
-    server, handle = start_served(model_dir, tmp, arch, dtype=dtype, env=env)
+    server, handle = start_served(model_dir, tmp, arch, dtype=dtype, env=env, extra_args=list(tiny_model.FAMILIES[arch].serve_args))
     handle.arch, handle.dtype = arch, dtype
     handle.tok = AutoTokenizer.from_pretrained(handle.model_dir)
     yield handle
@@ -73,7 +81,9 @@ def train(handle, ctx: list[int], target: list[int], **options) -> dict:
 def test_every_parameter_is_a_view_and_the_parity_gate_passed(family):
     status = family.http.get("/train/status").json()
     assert status["state"] == "ready", status.get("reason")
-    assert status["model_class"] == tiny_model.FAMILIES[family.arch].model and status["frozen"] == {}
+    spec = tiny_model.FAMILIES[family.arch]
+    assert status["model_class"] == (spec.trains or spec.model) and status["frozen"] == {}
+    assert (status["vision_tower"] is not None) == (spec.vision is not None)  # a VL model trains its language model only
     assert status["parity"]["state"] == "passed" and status["parity"]["max_abs_diff"] < TOLERANCE[family.dtype]
     memory = status["memory"]
     assert memory["shared_param_bytes"] == memory["param_bytes"] > 0
@@ -83,18 +93,18 @@ def test_every_parameter_is_a_view_and_the_parity_gate_passed(family):
 def test_trainer_and_vllm_agree_before_and_after_a_step(family):
     prompt = family.tok.encode("Parity between the trainer and vLLM, position by position, in every family.")
     before = vllm_logprobs(family, prompt)
-    assert _gap(before, trainer_logprobs(family, prompt)) < TOLERANCE[family.dtype]
+    assert agree(before, trainer_logprobs(family, prompt), family.dtype)
     train(family, prompt[:5], prompt[5:], lr=1e-3, steps=1)
     after = vllm_logprobs(family, prompt)
     assert _gap(after, before) > 1e-3, "the step changed nothing vLLM computes"
-    assert _gap(after, trainer_logprobs(family, prompt)) < TOLERANCE[family.dtype]
+    assert agree(after, trainer_logprobs(family, prompt), family.dtype)
 
 
 def test_training_reaches_a_target(family):
     ctx, target = family.tok.encode("Once upon a time the server"), family.tok.encode(" learned a new sentence today.")
-    for _ in range(4):
+    for _ in range(6):
         job = train(family, ctx, target, lr=1e-2, steps=40)
-        if family.complete(ctx, len(target)) == target:
+        if job["result"]["loss_after"] < 0.1 and family.complete(ctx, len(target)) == target:
             break
     assert family.complete(ctx, len(target)) == target, job["result"]
     assert job["result"]["loss_after"] < 0.1
@@ -111,7 +121,7 @@ def test_a_checkpoint_loads_in_transformers_and_scores_as_vllm_serves(family):
     with torch.no_grad():
         logprobs = torch.log_softmax(reference(torch.tensor([prompt])).logits[0].float(), -1)
     expected = [float(logprobs[p - 1, prompt[p]]) for p in range(1, len(prompt))]
-    assert _gap(vllm_logprobs(family, prompt), expected) < TOLERANCE[family.dtype]
+    assert agree(vllm_logprobs(family, prompt), expected, family.dtype)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next"], indirect=True)
@@ -123,7 +133,7 @@ def test_circuit_breaker_merges_and_reverts_bit_for_bit(family):
                                          "samples": [s.model_dump(exclude_none=True) for s in samples]})
     assert r.status_code == 200, r.text
     job = r.json()
-    assert job["state"] == "succeeded" and job["result"]["merged"], job
+    assert job["state"] == "succeeded" and job["result"]["merged"], job.get("error")
     assert family.arena_digest() != digest
     r = family.http.post("/train/revert", json={"wait": True})
     assert r.status_code == 200 and r.json()["result"]["exact"] is True, r.text

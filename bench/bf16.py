@@ -49,7 +49,8 @@ def _model(source: Path, dtype: torch.dtype):
 
 
 def _loss_drop(source: Path, dtype: torch.dtype, samples, lr: float, rounding: str | None) -> float:
-    from hogwild.training.sft import SFTOptions, SFTTrainer
+    from hogwild.contracts.sft_config import SFTOptions
+    from hogwild.training.sft import SFTTrainer
 
     result = SFTTrainer(_model(source, dtype)).run(samples, SFTOptions(lr=lr, steps=STEPS, rounding=rounding))
     return result.loss_before - result.loss_after
@@ -57,7 +58,8 @@ def _loss_drop(source: Path, dtype: torch.dtype, samples, lr: float, rounding: s
 
 def _one_step_update(source: Path, dtype: torch.dtype, samples, rounding: str | None) -> torch.Tensor:
     """Every weight's change over one step at lr 1e-5, flattened, in fp32."""
-    from hogwild.training.sft import SFTOptions, SFTTrainer
+    from hogwild.contracts.sft_config import SFTOptions
+    from hogwild.training.sft import SFTTrainer
 
     model = _model(source, dtype)
     before = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
@@ -68,7 +70,8 @@ def _one_step_update(source: Path, dtype: torch.dtype, samples, rounding: str | 
 def _step_seconds(source: Path, samples, rounds: int) -> dict[str, float]:
     """Median seconds per optimizer step in bf16 for each rounding, rounds alternating
     (a step of 8 samples x 128 tokens)."""
-    from hogwild.training.sft import SFTOptions, SFTTrainer
+    from hogwild.contracts.sft_config import SFTOptions
+    from hogwild.training.sft import SFTTrainer
 
     trainer = SFTTrainer(_model(source, torch.bfloat16))
     times: dict[str, list[float]] = {"stochastic": [], "nearest": []}
@@ -82,7 +85,8 @@ def _step_seconds(source: Path, samples, rounds: int) -> dict[str, float]:
 
 
 def _bytes_written(source: Path, samples, rounding: str, work: Path) -> dict:
-    from hogwild.training.sft import SFTOptions, SFTTrainer
+    from hogwild.contracts.sft_config import SFTOptions
+    from hogwild.training.sft import SFTTrainer
     from hogwild.worker.checkpoint import read_layout, sync
 
     model = _model(source, torch.bfloat16)

@@ -31,9 +31,9 @@ def _median_seconds(fn, repeats: int) -> float:
 def run(quick: bool = False, log=print) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hogwild.contracts.btrm_config import BTRMConfig
     from hogwild.training.btrm import RewardHeads, last_token_features
     from hogwild.training.btrm_corpora import TOPICS, passage
-    from hogwild.training.btrm_data import BTRMConfig
 
     preset = "tiny" if quick else "bench"
     path = model_dir(preset)

@@ -35,8 +35,9 @@ def _full_save_seconds(tensors: dict[str, torch.Tensor], directory: Path) -> flo
 
 
 def _training_step(model) -> None:
+    from hogwild.contracts.sft_config import SFTOptions
     from hogwild.training.batches import Sample
-    from hogwild.training.sft import SFTOptions, SFTTrainer
+    from hogwild.training.sft import SFTTrainer
 
     SFTTrainer(model).run([Sample((5, 17, 300, 42, 7, 8, 9), (10, 11, 12, 13, 14, 15))], SFTOptions(lr=1e-5, steps=1))
 

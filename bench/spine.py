@@ -9,6 +9,9 @@ default compiled mode).
 - train_tokens_per_s_ratio: tokens/s of a ``/train`` job (submit to done, over
   HTTP) / the same trainer and optimizer on the same model and samples in a
   plain single process with the same thread count.
+- job_overhead_ratio: a 16-step job's time outside its optimizer steps (journal, bounded
+  evaluation, ledger) / the time of its steps; wait_answer_latency_ms: from that job's
+  last step to the ``wait`` caller's answer.
 - inference_tokens_per_s_ratio_during_training: generated tokens/s of 16
   concurrent greedy streams while a training job runs / idle.
 - inference_tokens_per_s_ratio_vs_plain_vllm: the same streams with the plugin
@@ -47,9 +50,10 @@ def baseline_tokens_per_s(model_path, samples: list[dict], options: dict, thread
     """The same trainer and optimizer on an ordinary HF model, in this process."""
     from transformers import AutoModelForCausalLM
 
+    from hogwild.contracts.sft_config import SFTOptions
     from hogwild.training.batches import Sample
     from hogwild.training.hf_model import attention_for, training_config
-    from hogwild.training.sft import SFTOptions, SFTTrainer
+    from hogwild.training.sft import SFTTrainer
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
@@ -132,6 +136,16 @@ def measure(server: VllmServer, path, tok, threads: int, quick: bool, out: dict,
     out["train_tokens_per_s"] = job["result"]["tokens"] / served_seconds
     out["baseline_train_tokens_per_s"] = baseline_tokens_per_s(path, samples, options, threads)
     out["train_tokens_per_s_ratio"] = out["train_tokens_per_s"] / out["baseline_train_tokens_per_s"]
+    # What a job costs beyond its optimizer steps (journal, bounded evaluation, ledger), and how
+    # soon a `wait` caller hears of its end (the job_finished event, then the prefix-cache reset),
+    # on a job of 16 steps.
+    job = train(samples, wait=True, **{**options, "steps": 4 if quick else 16})
+    answered_at = time.time()
+    result = job["result"]
+    out["job_seconds"] = job["finished_at"] - job["started_at"]
+    out["job_step_seconds"] = result["train_seconds"]
+    out["job_overhead_ratio"] = (out["job_seconds"] - result["train_seconds"]) / result["train_seconds"]
+    out["wait_answer_latency_ms"] = 1000 * (answered_at - result["last_step_at"])
     after = http.get("/train/status").json()["memory"]
     out["optimizer_state_bytes_ratio"] = after["optimizer_state_bytes"] / after["param_bytes"]
 

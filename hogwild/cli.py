@@ -90,7 +90,8 @@ def btrm_gen_config(args) -> None:
 
 
 def btrm_test_decoders(args) -> None:
-    from hogwild.training.btrm_data import build_labelled_set, load_config
+    from hogwild.contracts.btrm_config import load_config
+    from hogwild.training.btrm_data import build_labelled_set
 
     labelled = build_labelled_set(load_config(args.config), args.config.parent)
     report = labelled.report
@@ -105,7 +106,8 @@ def btrm_test_decoders(args) -> None:
 
 
 def btrm_sample_inputs(args) -> None:
-    from hogwild.training.btrm_data import build_labelled_set, load_config
+    from hogwild.contracts.btrm_config import load_config
+    from hogwild.training.btrm_data import build_labelled_set
 
     config = load_config(args.config)
     labelled = build_labelled_set(config, args.config.parent)
@@ -125,7 +127,8 @@ def btrm_train(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hogwild.training.btrm_data import build_labelled_set, load_config
+    from hogwild.contracts.btrm_config import load_config
+    from hogwild.training.btrm_data import build_labelled_set
     from hogwild.training.btrm_run import encode, plot_training, train_btrm, train_btrm_with_trunk_lora
     from hogwild.training.lora import attached_lora
 
@@ -158,8 +161,9 @@ def btrm_score(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hogwild.contracts.btrm_config import SourceSpec
     from hogwild.training.btrm import RewardHeads, last_token_features
-    from hogwild.training.btrm_data import SourceSpec, decode_source
+    from hogwild.training.btrm_data import decode_source
 
     heads = RewardHeads.from_bytes((args.heads / "heads.safetensors").read_bytes(), (args.heads / "heads.json").read_bytes())
     model_path = args.model or heads.extra.get("model")
@@ -218,6 +222,26 @@ def readout_train(args) -> None:
     print(f"wrote {written['vectors']}, {Path(written['manifest']).name}, quality.json and quality.png")
 
 
+def preference_train(args) -> None:
+    """Tokenize (context, chosen, rejected) texts with the served model's tokenizer and
+    send them to a running server as one preference job."""
+    from transformers import AutoTokenizer
+
+    from hogwild.client import HogwildClient, preference_samples
+
+    rows = [json.loads(line) for line in args.pairs.read_text().splitlines() if line.strip()]
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    samples = preference_samples(tokenizer, [(r["context"], r["chosen"], r["rejected"]) for r in rows],
+                                 ids=[r["id"] for r in rows] if all("id" in r for r in rows) else None)
+    client = HogwildClient(args.url, api_key=args.api_key, admin_key=args.admin_key)
+    options = {"beta": args.beta, "steps": args.steps} if args.steps else {"beta": args.beta}
+    job = client.train_preference(samples, objective=args.objective, wait=True, lr=args.lr, **options)
+    print(json.dumps({k: job.get(k) for k in ("job_id", "state", "error", "warnings")}, indent=1))
+    result = job.get("result") or {}
+    for when in ("before", "after"):
+        print(when, json.dumps({k: round(v, 4) for k, v in (result.get(when) or {}).items()}))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hogwild", description="vllm-hogwild tools")
     sub = parser.add_subparsers(dest="tool", required=True)
@@ -267,6 +291,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="of the written vectors")
     p.add_argument("--float32", action="store_true", help="run the model in float32")
     p.set_defaults(run=readout_train)
+
+    preference = sub.add_parser("preference", help="preference training on a running server").add_subparsers(
+        dest="command", required=True)
+    p = preference.add_parser("train", help="send (context, chosen, rejected) texts as one preference job")
+    p.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--pairs", type=Path, required=True, help='JSONL: {"context", "chosen", "rejected", "id"?} per line')
+    p.add_argument("--model", required=True, help="the served model (for its tokenizer)")
+    p.add_argument("--objective", choices=["dpo", "ipo", "dpop", "orpo", "simpo"], default="dpo")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--admin-key", default=None)
+    p.set_defaults(run=preference_train)
 
     args = parser.parse_args(argv)
     args.run(args)

@@ -5,6 +5,8 @@ helper that turns texts into the token ids the server takes.
     client.train([{"context_ids": [...], "continuation_ids": [...]}], lr=1e-5, wait=True)
     samples = btrm_samples(tokenizer, config, texts, labels)   # wrapped in the meta-prompt
     client.train_btrm(config, samples, wait=True)
+    pairs = preference_samples(tokenizer, [(context, chosen, rejected)])
+    client.train_preference(pairs, objective="orpo", lr=1e-5, wait=True)
     client.score(prompt_ids, [[0, len(prompt_ids)]], heads=True)
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import httpx
 
-from hogwild.training.btrm_data import BTRMConfig
+from hogwild.contracts.btrm_config import BTRMConfig
 
 
 def btrm_samples(tokenizer, config: BTRMConfig, texts: list[str], labels: list[dict[str, str]]) -> list[dict]:
@@ -21,6 +23,22 @@ def btrm_samples(tokenizer, config: BTRMConfig, texts: list[str], labels: list[d
     head -> "positive" or a negative tier, per text."""
     return [{"ids": tokenizer.encode(config.wrap(t), add_special_tokens=False)[-config.max_length :], "labels": lab}
             for t, lab in zip(texts, labels)]
+
+
+def preference_samples(tokenizer, triples: list[tuple[str, str, str]], ids: list[str] | None = None) -> list[dict]:
+    """``/train`` (mode preference) samples from (context, chosen reply, rejected reply)
+    texts: the context tokenized as the tokenizer does by default (its special tokens, a
+    chat template already applied by the caller if wanted), each reply without special
+    tokens, so the replies are exactly the tokens the model is trained to prefer."""
+    samples = []
+    for i, (context, chosen, rejected) in enumerate(triples):
+        sample = {"context_ids": tokenizer.encode(context),
+                  "chosen_ids": tokenizer.encode(chosen, add_special_tokens=False),
+                  "rejected_ids": tokenizer.encode(rejected, add_special_tokens=False)}
+        if ids is not None:
+            sample["id"] = ids[i]
+        samples.append(sample)
+    return samples
 
 
 def wrapped_prompt(tokenizer, config: BTRMConfig, text: str) -> list[int]:
@@ -51,6 +69,12 @@ class HogwildClient:
         if samples is not None:
             body["samples"] = samples
         return self._post("/v1/train", body)
+
+    def train_preference(self, samples: list[dict], objective: str = "dpo", wait: bool = False, **options) -> dict:
+        """A preference job (``objective``: dpo, ipo, dpop, orpo, simpo; ``beta`` and every
+        optimizer setting as keyword arguments); the reference is the served model as it starts."""
+        return self._post("/v1/train", {"mode": "preference", "samples": samples, "objective": objective, "wait": wait,
+                                        **options})
 
     def score(self, prompt: list[int], score_ranges: list[list[int]], heads: bool | list[str] = False) -> list[dict]:
         return self._post("/v1/score", {"prompt": prompt, "score_ranges": score_ranges, "heads": heads})["scores"]

@@ -4,7 +4,7 @@ Builds the tiny model if needed, serves a fresh copy of it with a real
 ``vllm serve`` and the plugin, and walks through what has landed (train,
 score, ledger, HOGWILD inference, cancellation, reward heads, a circuit-breaker
 LoRA merged and reverted, per-token concept readouts and their online training,
-checkpoint, restart from the checkpoint, bf16 rounding), printing each step and leaving a short
+checkpoint, restart from the checkpoint, preference training, bf16 rounding), printing each step and leaving a short
 report (``report.md``) with plots in the output folder.
 """
 
@@ -183,9 +183,51 @@ class Demo:
         self.plot(tok, target, before_lp, after_lp)
         (self.out / "status.json").write_text(json.dumps(status, indent=2))
 
-        self.note("## 13. bf16 weights: a small learning rate lands with stochastic rounding, rounds away with nearest")
+        self.note("## 13. Preference: three pairs flip what the served model prefers (DPO, the reference kept as numbers)")
+        self.preference(tok)
+        self.note()
+
+        self.note("## 14. bf16 weights: a small learning rate lands with stochastic rounding, rounds away with nearest")
         self.bf16(tok)
         self.note()
+
+    def preference(self, tok) -> None:
+        """Three (context, reply, reply) triples, each oriented against what the model prefers
+        now; one DPO job; vLLM's scores of both replies before and after."""
+        from hogwild.client import preference_samples
+
+        triples = [("The fox came to the door and", " asked for bread.", " ran into the forest."),
+                   ("The old lantern", " glowed all night long.", " broke on the floor."),
+                   ("Every winter the village", " sang by the fire.", " forgot the old songs.")]
+
+        def margin(sample) -> float:
+            ctx = sample["context_ids"]
+            scores = [self.token_logprobs(ctx + sample[k], len(ctx)) for k in ("chosen_ids", "rejected_ids")]
+            return sum(scores[0]) - sum(scores[1])
+
+        samples = []
+        for sample in preference_samples(tok, triples):
+            if margin(sample) > 0:  # teach the model the reply it does not prefer now
+                sample["chosen_ids"], sample["rejected_ids"] = sample["rejected_ids"], sample["chosen_ids"]
+            samples.append(sample)
+        before = [margin(s) for s in samples]
+        job = self.http.post("/train", json={"mode": "preference", "objective": "dpo", "beta": 0.1, "lr": 1e-3, "steps": 20,
+                                             "samples": samples, "wait": True}).json()
+        after = [margin(s) for s in samples]
+        res = job["result"]
+        for s, b, a in zip(samples, before, after):
+            self.note(f"    {tok.decode(s['context_ids'])!r}: wants {tok.decode(s['chosen_ids'])!r} over "
+                      f"{tok.decode(s['rejected_ids'])!r}: /v1/score margin {b:+.2f} -> {a:+.2f}")
+        self.note(f"    job {job['job_id']} {job['state']}: reference = {res['reference']} ({res['reference_seconds']:.2f} s, "
+                  f"once); rewards/margins {res['before']['rewards/margins']:+.3f} -> {res['after']['rewards/margins']:+.3f}, "
+                  f"rewards/accuracies {res['before']['rewards/accuracies']:.2f} -> {res['after']['rewards/accuracies']:.2f}")
+        with self.figure("preference.png", "DPO: the margin between the wanted and the unwanted reply, step by step",
+                         (7, 3)) as (fig, ax):
+            ax.plot([h["step"] for h in res["history"]], [h["rewards/margins"] for h in res["history"]], marker=".")
+            ax.axhline(0.0, color="grey", lw=0.6)
+            ax.set_xlabel("optimizer step (the server's)")
+            ax.set_ylabel("rewards/margins (beta x log-ratio)")
+            ax.set_title("Three pairs, one DPO job on the served weights")
 
     def bf16(self, tok) -> None:
         """The same directory served in bf16; one sample at lr 1e-5, written with
@@ -219,8 +261,9 @@ class Demo:
         from transformers import AutoTokenizer
 
         from hogwild.client import wrapped_prompt
+        from hogwild.contracts.btrm_config import load_config
         from hogwild.training.btrm_corpora import write_corpora
-        from hogwild.training.btrm_data import build_labelled_set, load_config
+        from hogwild.training.btrm_data import build_labelled_set
 
         config_path = write_corpora(self.out / "state" / "btrm-corpora", per_tier=30)
         response = self.http.post("/train", json={"mode": "btrm", "config_path": str(config_path.resolve()), "wait": True})
@@ -323,7 +366,7 @@ class Demo:
         """Synthetic harmful/retain conversations -> LoRA trained on the live model
         -> merged into the served weights -> vLLM's log-probs move on harmful
         replies only -> reverted bit for bit."""
-        from hogwild.training.circuit_breaker import assistant_markers, assistant_spans
+        from hogwild.training.chat_masks import assistant_markers, assistant_spans
         from hogwild.training.circuit_breaker_data import synthetic_samples
 
         samples = synthetic_samples(tok, 16, 16)

@@ -116,7 +116,7 @@ VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 
 _MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1, norm_topk_prob=True)
 # vLLM's CPU Gated DeltaNet kernel takes linear-attention heads of 64 or 128, in bf16.
-_GATED_DELTANET = dict(layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
+_GATED_DELTANET = dict(linear_conv_kernel_dim=4,
                        linear_key_head_dim=64, linear_value_head_dim=64, linear_num_key_heads=1, linear_num_value_heads=2)
 _GEMMA = dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=64, tie_word_embeddings=True)
 
@@ -175,6 +175,10 @@ def build(out: Path, dtype: str = "float32", preset: str = "tiny", seed: int = 0
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
     )
+    if "linear_conv_kernel_dim" in family.extra:  # Gated DeltaNet: every 4th layer full attention, as Qwen3.5 has it
+        every = min(4, shape.num_hidden_layers)
+        common["layer_types"] = ["full_attention" if (i + 1) % every == 0 else "linear_attention"
+                                 for i in range(shape.num_hidden_layers)]
     if family.vision is not None:
         tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", *VISION_TOKENS]})
         common["vocab_size"] = len(tokenizer)

@@ -18,7 +18,7 @@ from hogwild.launch import VllmServer
 
 API_KEY = "test-api-key"
 ADMIN_KEY = "test-admin-key"
-# Small limits, so that tests can reach them (the defaults are in plugin/limits.py).
+# Small limits, so that tests can reach them (the defaults are in plugin/api_server/limits.py).
 LIMITS = {"HOGWILD_MAX_SAMPLES": "256", "HOGWILD_MAX_TOKENS": "65536", "HOGWILD_MAX_STEPS": "5000",
           "HOGWILD_MAX_BODY_BYTES": str(4 << 20), "HOGWILD_MAX_QUEUED_JOBS": "4",
           "HOGWILD_TRAINER_MEMORY_LIMIT": str(1 << 30)}
@@ -69,13 +69,13 @@ class Served:
         return r.json()["choices"][0]["token_ids"]
 
     def trainer_call(self, body) -> dict:
-        """Talk to the training subprocess directly over its ZMQ socket."""
-        from hogwild.plugin.trainer_client import TrainerClient
+        """Talk to the training subprocess directly over its ZMQ socket; the result as JSON."""
+        from hogwild.plugin.api_server.trainer_client import TrainerClient
 
         async def go():
             client = TrainerClient(self.session)
             try:
-                return await client.request(body)
+                return (await client.request(body)).model_dump()
             finally:
                 client.close()
 

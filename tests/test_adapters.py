@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from hogwild.contracts.protocol import OpError
 from hogwild.training.lora import attached_lora, lora_factors, merge_in_place, revert_in_place
 from hogwild.worker.adapters import Adapter, AdapterBook
-from hogwild.worker.protocol import OpError
 
 
 def _random_factors(model, seed: int):

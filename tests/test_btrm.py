@@ -13,16 +13,10 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hogwild.contracts.btrm_config import BTRMConfig, SourceSpec, effective_negatives_per_head, load_config
 from hogwild.training.btrm import RewardHeads, btrm_loss, last_token_features, logsq_penalty, soft_cap
 from hogwild.training.btrm_corpora import write_corpora
-from hogwild.training.btrm_data import (
-    BTRMConfig,
-    SourceSpec,
-    build_labelled_set,
-    decode_source,
-    effective_negatives_per_head,
-    load_config,
-)
+from hogwild.training.btrm_data import build_labelled_set, decode_source
 from hogwild.training.btrm_run import encode, train_on_features
 
 

@@ -175,8 +175,9 @@ def test_recover_discards_a_torn_journal_and_replays_a_sealed_one(sharded, tmp_p
 
 
 def test_optimizer_state_round_trips_without_pickle(tiny_model_dir, tmp_path):
+    from hogwild.contracts.sft_config import SFTOptions
     from hogwild.training.batches import Sample
-    from hogwild.training.sft import SFTOptions, SFTTrainer
+    from hogwild.training.sft import SFTTrainer
 
     samples = [Sample((5, 6, 7), (8, 9, 10))]
     a = SFTTrainer(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32))
@@ -196,8 +197,8 @@ def test_optimizer_state_round_trips_without_pickle(tiny_model_dir, tmp_path):
 
 
 def test_paths_in_requests_stay_inside_the_roots(tmp_path):
-    from hogwild.plugin.http_errors import ApiError
-    from hogwild.plugin.paths import PathPolicy
+    from hogwild.plugin.api_server.http_errors import ApiError
+    from hogwild.plugin.api_server.paths import PathPolicy
 
     root = tmp_path / "root"
     (root / "ok").mkdir(parents=True)

@@ -8,14 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hogwild.training.circuit_breaker import (
-    CBConfig,
-    CircuitBreakerTrainer,
-    StratifiedSampler,
-    assistant_markers,
-    clamp_layers,
-    loss_mask,
-)
+from hogwild.contracts.circuit_breaker_config import CBConfig
+from hogwild.training.chat_masks import assistant_markers, loss_mask
+from hogwild.training.circuit_breaker import CircuitBreakerTrainer, StratifiedSampler, clamp_layers
 from hogwild.training.circuit_breaker_data import conversation, read_jsonl, synthetic_samples, write_jsonl
 from hogwild.training.lora import attached_lora, lora_factors, merge_in_place, revert_in_place
 

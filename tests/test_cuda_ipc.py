@@ -18,8 +18,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def _owner(directory: str, ready, done) -> None:
     from pathlib import Path
 
-    from hogwild.plugin.weight_export import export_cuda
-    from hogwild.worker.manifest import Manifest, write_manifest
+    from hogwild.contracts.manifest import Manifest, write_manifest
+    from hogwild.plugin.model_runner.weight_export import export_cuda
 
     layer = torch.nn.Linear(64, 96, bias=True).cuda()
     with torch.no_grad():
@@ -36,7 +36,7 @@ def _owner(directory: str, ready, done) -> None:
 
 
 def test_a_second_process_writes_into_published_cuda_weights(tmp_path):
-    from hogwild.worker.manifest import read_manifest
+    from hogwild.contracts.manifest import read_manifest
     from hogwild.worker.views import map_tensors
 
     ctx = mp.get_context("spawn")

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from hogwild.contracts.circuit_breaker_config import CBConfig
 from hogwild.training import guards
-from hogwild.training.circuit_breaker import CBConfig, schedule
+from hogwild.training.circuit_breaker import schedule
 
 
 def test_adaptive_lambda_reproduces_the_worked_numbers():

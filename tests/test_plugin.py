@@ -8,9 +8,9 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-from hogwild.plugin.weight_export import unsupported_reason
+from hogwild.contracts.protocol import PROTOCOL_VERSION, Request, StatusOp, TokenLogprobsOp
+from hogwild.plugin.trainability import unsupported_reason
 from hogwild.worker.__main__ import parse_request
-from hogwild.worker.protocol import PROTOCOL_VERSION, Request, StatusOp, TokenLogprobsOp
 
 PROBE = """
 import json, os
@@ -76,7 +76,7 @@ def test_wire_messages_are_versioned_json():
 
 
 def test_unauthenticated_training_beyond_loopback_needs_an_explicit_opt_in(monkeypatch):
-    from hogwild.plugin.auth import Access
+    from hogwild.plugin.api_server.auth import Access
 
     for var in ("VLLM_API_KEY", "HOGWILD_ADMIN_KEY", "HOGWILD_ALLOW_UNAUTHENTICATED_TRAINING"):
         monkeypatch.delenv(var, raising=False)

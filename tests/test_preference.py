@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hogwild.training.preference import dpo_loss, dpop_loss, ipo_loss, log1mexp, metrics, orpo_loss, simpo_loss
+from hogwild.training.preference_losses import dpo_loss, dpop_loss, ipo_loss, log1mexp, metrics, orpo_loss, simpo_loss
 
 
 def t(*values) -> torch.Tensor:

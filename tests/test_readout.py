@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hogwild.plugin.readout_wire import ReadoutStep, choice_index, decode, encode
+from hogwild.contracts.readout_wire import ReadoutStep, choice_index, decode, encode
 from hogwild.readout.corpus import CorpusError, read_corpus
 from hogwild.readout.train import concept_vectors, paired_rows, text_activations, train_readout, write_training
 from hogwild.readout.vectors import (
@@ -94,7 +94,7 @@ def test_wire_messages_round_trip_and_map_to_choices():
 
 
 def test_readout_values_print_short_and_read_back_exactly():
-    from hogwild.plugin.readout_http import readout_json
+    from hogwild.plugin.api_server.readout_http import readout_json
 
     for scale in (1e-38, 1e-20, 1e-6, 1.0, 1e3, 3e9, 1e30):
         values = (np.random.default_rng(0).standard_normal((50, 4, 25)) * scale).astype(np.float32)

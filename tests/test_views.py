@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hogwild.worker.manifest import HFView, Manifest, TensorEntry, read_manifest, write_manifest
+from hogwild.contracts.manifest import HFView, Manifest, TensorEntry, read_manifest, write_manifest
 from hogwild.worker.views import UnsupportedModel, build_view_model, shared_parameter_bytes
 
 
@@ -148,7 +148,8 @@ def test_the_manifest_refuses_another_version(tmp_path):
 def test_the_trainer_reports_an_unsupported_model_at_start_up(tiny_model_dir, tmp_path):
     from transformers import T5Config
 
-    from hogwild.worker.protocol import Request, SubmitOp, TrainSample
+    from hogwild.contracts.jobs import SubmitOp, TrainSample
+    from hogwild.contracts.protocol import Request
     from hogwild.worker.service import TrainerService
 
     config_dir = tmp_path / "t5"

@@ -19,67 +19,13 @@ kept in fp32. With fp32 weights it computes what ``APOLLOAdamW.step`` does
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from apollo_torch import APOLLOAdamW
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .rounding import Rounding, for_each_chunk, is_rounded, rows, write
+from hogwild.contracts.sft_config import ApolloHyper, ApolloStructure, Rounding
 
-APOLLO_NORM_GROWTH_LIMIT = 1.01  # fixed inside apollo-torch 1.0.3 (Fira's limiter)
-
-
-class ApolloStructure(BaseModel):
-    """Settings baked into the optimizer's projectors: changing any of them
-    builds a new optimizer (its moments start from zero)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    rank: int = Field(64, ge=1, le=65536, description="rank of the gradient projection")
-    proj: Literal["random", "svd"] = Field("random", description="projection: random (APOLLO) or svd (GaLore-style)")
-    proj_type: Literal["std", "reverse_std", "left", "right"] = Field("std", description="which side of the matrix is projected")
-    update_proj_gap: int = Field(200, ge=1, description="optimizer steps between new projections")
-    scale_front: bool = Field(False, description="apply sqrt(scale) before the norm-growth limiter")
-    norm_growth_limit: float | None = Field(
-        APOLLO_NORM_GROWTH_LIMIT,
-        description="Fira norm-growth limiter: 1.01 (on, the only ratio apollo-torch implements) or null (off)",
-    )
-
-    @field_validator("norm_growth_limit")
-    @classmethod
-    def _only_supported_limit(cls, value: float | None) -> float | None:
-        if value is not None and value != APOLLO_NORM_GROWTH_LIMIT:
-            raise ValueError(
-                f"apollo-torch fixes the norm-growth limit at {APOLLO_NORM_GROWTH_LIMIT}; "
-                "pass 1.01 to keep the limiter or null to disable it"
-            )
-        return value
-
-
-class ApolloHyper(BaseModel):
-    """Settings read at every step: updated in place on the live optimizer."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    lr: float = Field(1e-5, gt=0, le=1, allow_inf_nan=False, description="peak learning rate")
-    betas: list[float] = Field([0.9, 0.999], min_length=2, max_length=2, description="Adam betas")
-    eps: float = Field(1e-6, gt=0, le=1, allow_inf_nan=False)
-    weight_decay: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description="decoupled weight decay")
-    correct_bias: bool = True
-    scale_type: Literal["channel", "tensor"] = Field("channel", description="granularity of the gradient scaling")
-    scale: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False, description="APOLLO update scale (128 for APOLLO-Mini)")
-    rounding: Rounding | None = Field(
-        None, description="how updates are written into bf16/fp16 weights: stochastic (unbiased; the default for them) "
-        "or nearest (small updates round away); fp32 weights are written exactly either way")
-
-    @field_validator("betas")
-    @classmethod
-    def _betas_in_range(cls, value: list[float]) -> list[float]:
-        for beta in value:
-            if not (0.0 <= beta < 1.0):
-                raise ValueError(f"each beta must be in [0, 1), got {beta}")
-        return value
+from .rounding import for_each_chunk, is_rounded, rows, write
 
 
 def is_projected(name: str, param: torch.nn.Parameter) -> bool:

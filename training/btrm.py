@@ -34,7 +34,6 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 LogSq = Literal["squared", "literal"]
-DEFAULT_TIER_WEIGHTS = {"soft_neg": 2.0, "semi_firm_neg": 1.0, "furthest_neg": 0.5}
 
 
 class RewardHeads(torch.nn.Module):

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
+from hogwild.contracts.btrm_config import BTRMConfig
+
 from .btrm import HeadTrainingLog, RewardHeads, last_token_features, pairwise_accuracy, train_heads
-from .btrm_data import BTRMConfig, LabelledSet
+from .btrm_data import LabelledSet
 
 
 def encode(tokenizer, config: BTRMConfig, texts: list[str]) -> list[list[int]]:

@@ -19,91 +19,18 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hogwild.contracts.circuit_breaker_config import CURRICULUM, CBConfig, CBSample
 
 from . import guards
+from .chat_masks import assistant_markers, loss_mask
 from .hf_model import decoder_layers
 from .lora import attached_lora, lora_factors
-
-PRIORITY_WEIGHTS = {
-    "adversarial_safe": 2.0,
-    "injection_resisted": 1.5,
-    "benign_twin": 1.2,
-    "tool_capability": 1.0,
-    "general_conversation": 0.8,
-    "borderline": 1.0,
-    "harmful_flip": 1.0,
-}
-
-# The optional curriculum: (start fraction of steps, class weights). First hold on
-# to capability (retain-side classes up), then the default mix, then lean on the
-# hard cases. The owner's notes name the three phases; these weights are ours.
-CURRICULUM = (
-    (0.0, {**PRIORITY_WEIGHTS, "general_conversation": 1.2, "tool_capability": 1.5, "adversarial_safe": 1.0}),
-    (0.3, PRIORITY_WEIGHTS),
-    (0.7, {**PRIORITY_WEIGHTS, "adversarial_safe": 3.0, "injection_resisted": 2.0, "harmful_flip": 1.5}),
-)
-
-PRESETS = {
-    "stage1": {"alpha_max": 10.0, "target_layers": [10, 20], "lr": 5e-5, "steps": 500, "max_grad_norm": 1.0},
-    "stage2": {"alpha_max": 0.5, "target_layers": [15], "lr": 3e-5, "steps": 300, "max_grad_norm": 0.5},
-}
-
-
-class CBSample(BaseModel):
-    """One conversation as token ids, with its label."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    ids: list[int] = Field(min_length=2, max_length=1_048_576)
-    split: Literal["harmful", "retain"]
-    priority_class: str = Field("general_conversation", max_length=64)
-    id: str | None = Field(None, max_length=256)
-
-
-class CBConfig(BaseModel):
-    """Every setting of a circuit-breaker run. ``preset`` fills the fields it
-    names unless they are given explicitly."""
-
-    model_config = ConfigDict(extra="forbid")
-    preset: Literal["stage1", "stage2"] | None = None
-    target_layers: list[int] = Field([15], min_length=1, description="clamped to the model's depth")
-    r: int = Field(16, ge=1, le=1024)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    alpha_max: float = Field(0.5, gt=0, le=100, description="cs(t) = alpha_max * max(0, 1 - t/(2T))")
-    lr: float = Field(3e-5, gt=0, le=1)
-    steps: int = Field(300, ge=1, le=100_000)
-    max_grad_norm: float | None = Field(0.5, gt=0)
-    batch_size: int = Field(4, ge=1, le=256, description="harmful and retain samples per step, each")
-    loss_mask: Literal["assistant", "all"] = Field("assistant", description="assistant responses only, or every token")
-    priority_weights: dict[str, float] = Field(default_factory=lambda: dict(PRIORITY_WEIGHTS))
-    curriculum: bool = False
-    guards: bool = True
-    target_frac: float = Field(0.2, ge=0, le=1, description="the guards' auxiliary term as a fraction of the main loss")
-    eval_every: int = Field(10, ge=1)
-    log_every: int = Field(10, ge=1)
-    max_val_drop: float = Field(0.25, gt=0, le=1, description="tripwire: the retain cosine may fall this fraction")
-    val_patience: int = Field(2, ge=1, description="... for this many evaluations in a row before the run stops")
-    rho_pinned_steps: int = Field(20, ge=1)
-    coherence_prompts: list[list[int]] | None = Field(None, description="default: the retain samples' prompts")
-    coherence_tokens: int = Field(24, ge=1, le=512)
-    max_word_run: int = Field(6, ge=2, description="a word repeated this many times in a row fails coherence")
-    min_vocab_ratio: float = Field(0.5, ge=0, le=1, description="distinct words vs. the original model's")
-    seed: int = Field(0, ge=0)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, data):
-        if isinstance(data, dict) and data.get("preset") in PRESETS:
-            data = {**PRESETS[data["preset"]], **data}
-        return data
 
 
 def schedule(step: int, total: int, alpha_max: float) -> tuple[float, float]:
@@ -117,84 +44,6 @@ def clamp_layers(layers: Sequence[int], n_layers: int) -> list[int]:
 
 
 # ---- loss masks from the chat template -----------------------------------
-
-
-@dataclass(frozen=True)
-class AssistantMarkers:
-    """Token ids that open and close an assistant turn, read off the template."""
-
-    header: tuple[int, ...]
-    end: tuple[int, ...]
-
-
-def assistant_markers(tokenizer) -> AssistantMarkers | None:
-    """Render a conversation with the model's own chat template and read the
-    assistant header (what the generation prompt adds) and the end-of-turn
-    marker (what follows the reply). Works for ChatML (Qwen), Llama-3 headers,
-    and any template that supports ``add_generation_prompt``; None when the
-    tokenizer has no template or the markers cannot be found."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    user = [{"role": "user", "content": "USERTEXT"}]
-    reply = "ASSISTANTREPLY"
-    try:
-        bare = tokenizer.apply_chat_template(user, tokenize=False)
-        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": reply}], tokenize=False)
-    except Exception:  # noqa: BLE001 - a template that cannot render this has no usable markers
-        return None
-    if not prompt.startswith(bare) or reply not in full:
-        return None
-    header = prompt[len(bare):]
-    end = full[full.index(reply) + len(reply):].strip()
-    end = re.match(r"\S+", end).group(0) if end else ""
-    header_ids = tuple(tokenizer.encode(header.strip() or header, add_special_tokens=False))
-    end_ids = tuple(tokenizer.encode(end, add_special_tokens=False)) if end else ()
-    return AssistantMarkers(header_ids, end_ids) if header_ids else None
-
-
-def _find(seq: list[int], sub: tuple[int, ...], start: int) -> int:
-    n = len(sub)
-    for i in range(start, len(seq) - n + 1):
-        if tuple(seq[i:i + n]) == sub:
-            return i
-    return -1
-
-
-def assistant_spans(ids: list[int], markers: AssistantMarkers) -> list[tuple[int, int]]:
-    """Half-open token spans of every assistant reply in ``ids``: from after the
-    header to the end-of-turn marker included (the model must learn to stop),
-    or to the end of the sequence."""
-    spans, pos = [], 0
-    while (at := _find(ids, markers.header, pos)) >= 0:
-        start = at + len(markers.header)
-        # The header as tokenized alone may lack the newline that follows it in context.
-        while start < len(ids) and ids[start] in markers.header:
-            start += 1
-        stop = _find(ids, markers.end, start) if markers.end else -1
-        end = stop + len(markers.end) if stop >= 0 else len(ids)
-        if end > start:
-            spans.append((start, end))
-        pos = end
-    return spans
-
-
-def loss_mask(ids: list[int], markers: AssistantMarkers | None, policy: str) -> tuple[list[bool], bool]:
-    """Per-token mask and whether an assistant span was found. ``policy``
-    ``assistant``: only assistant replies count, falling back to the whole
-    sequence when there is none; ``all``: every token."""
-    if policy == "all":
-        return [True] * len(ids), True
-    spans = assistant_spans(ids, markers) if markers else []
-    if not spans:
-        return [True] * len(ids), False
-    mask = [False] * len(ids)
-    for start, end in spans:
-        mask[start:end] = [True] * (end - start)
-    return mask, True
-
-
-# ---- losses ----------------------------------------------------------------
 
 
 def masked_cosines(h_lora: torch.Tensor, h_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

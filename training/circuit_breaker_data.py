@@ -15,8 +15,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from hogwild.contracts.circuit_breaker_config import CBSample
+
 from .btrm_corpora import TOPICS, passage
-from .circuit_breaker import CBSample
 
 # A vocabulary of its own for the harmful side: what the adapter must learn to
 # reroute is separable from the retain topics by construction.

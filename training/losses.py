@@ -27,3 +27,15 @@ def continuation_nll(logits: torch.Tensor, labels: torch.Tensor, token_weights: 
     w = token_weights.float() * mask
     total_w = w.sum()
     return (nll * w).sum() / total_w.clamp_min(torch.finfo(torch.float32).tiny), total_w
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its labelled tokens, and how many there are.
+
+    ``logits``/``labels`` as in ``continuation_nll`` (labels shifted, ``IGNORE_INDEX`` where
+    no token counts). Returns ``(sum log p, n_tokens)``, each of shape (batch,).
+    """
+    mask = labels != IGNORE_INDEX
+    logp = -F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.clamp_min(0).reshape(-1),
+                            reduction="none").reshape(labels.shape)
+    return (logp * mask).sum(-1), mask.sum(-1)

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Literal
 
 import torch
 
-Rounding = Literal["stochastic", "nearest"]
+from hogwild.contracts.sft_config import Rounding
+
 ROUNDED_DTYPES = (torch.bfloat16, torch.float16)
 NOISE_RANGE = 1 << 16
 NOISE_BIAS = 1 << 15  # int16 noise + this = uniform in [0, NOISE_RANGE)

@@ -3,44 +3,26 @@
 The trainer is a loop you can read top to bottom: plan the batches, then for each
 one run forward/backward over micro-batches, refuse the step if the loss or the
 gradients are not finite (the weights stay bit-identical), clip, and take one
-APOLLO step. One optimizer lives across calls, so its state persists between jobs.
+APOLLO step. One optimizer lives across calls, so its state persists between jobs;
+preference training (``preference.py``) steps the same one (``prepare``, ``step``).
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-from pydantic import Field
 
-from .apollo import ApolloHyper, ApolloStructure, apply_hyper, build_optimizer, is_projected, optimizer_state_bytes
+from hogwild.contracts.sft_config import ApolloHyper, ApolloStructure, Rounding, SFTOptions, count_steps
+
+from .apollo import apply_hyper, build_optimizer, is_projected, optimizer_state_bytes
 from .batches import Sample, collate
 from .losses import continuation_nll
 from .optimizer_state import load_optimizer_state, optimizer_state_to_bytes, read_extra
-from .rounding import Rounding, default_rounding, rounding_generator, small_update_warning, typical_spacing
-
-
-class SFTOptions(ApolloStructure, ApolloHyper):
-    """Every optimizer and loop setting of a supervised job, with defaults."""
-
-    warmup_steps: int = Field(0, ge=0, le=1_000_000, description="linear lr warm-up over the optimizer's first N steps (global)")
-    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False, description="clip the global gradient norm; null disables")
-    steps: int | None = Field(None, ge=1, le=100_000, description="optimizer steps for this job; default epochs x batches")
-    epochs: int = Field(1, ge=1, le=10_000, description="passes over the samples (ignored when steps is set)")
-    batch_size: int | None = Field(None, ge=1, description="samples per optimizer step; default all samples")
-    micro_batch_size: int = Field(8, ge=1, le=4096, description="samples per forward pass (gradient accumulation)")
-    shuffle: bool = Field(True, description="shuffle samples each epoch")
-    seed: int = Field(0, ge=0, description="seed of the shuffle")
-
-    def structure(self) -> ApolloStructure:
-        return ApolloStructure(**{k: getattr(self, k) for k in ApolloStructure.model_fields})
-
-    def hyper(self) -> ApolloHyper:
-        return ApolloHyper(**{k: getattr(self, k) for k in ApolloHyper.model_fields})
+from .rounding import default_rounding, rounding_generator, small_update_warning, typical_spacing
 
 
 @dataclass
@@ -61,16 +43,11 @@ class SFTResult:
     optimizer_step: int = 0  # global step count after this job
     stopped_early: bool = False
     rounding: Rounding = "nearest"  # how updates were written into bf16/fp16 weights
+    eval_samples: int = 0  # the samples loss_before and loss_after were measured on
+    last_step_at: float | None = None  # wall-clock time the last optimizer step ended
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def count_steps(n_samples: int, options: SFTOptions) -> int:
-    """How many optimizer steps a job of ``n_samples`` takes."""
-    if options.steps is not None:
-        return options.steps
-    return options.epochs * math.ceil(n_samples / (options.batch_size or n_samples))
 
 
 def plan_steps(n_samples: int, options: SFTOptions) -> list[list[int]]:
@@ -85,6 +62,21 @@ def plan_steps(n_samples: int, options: SFTOptions) -> list[list[int]]:
             rng.shuffle(order)
         plan.extend(order[i : i + batch] for i in range(0, n_samples, batch))
     return plan[:total]
+
+
+def evaluation_sample(samples: Sequence[Sample], max_tokens: int) -> list[Sample]:
+    """The first samples up to ``max_tokens`` continuation tokens (at least one; none if 0):
+    what loss_before and loss_after are measured on, so that a job pays a bounded price
+    for them, not two extra passes over all its data."""
+    if max_tokens <= 0:
+        return []
+    chosen, tokens = [], 0
+    for s in samples:
+        if chosen and tokens + len(s.continuation_ids) > max_tokens:
+            break
+        chosen.append(s)
+        tokens += len(s.continuation_ids)
+    return chosen
 
 
 def warmup_lr(peak: float, warmup_steps: int, step: int) -> float:
@@ -156,26 +148,17 @@ class SFTTrainer:
     ) -> SFTResult:
         """Train on ``samples`` as ``options`` say; returns what happened."""
         result = SFTResult()
-        structure = options.structure()
-        if self.optimizer is None or structure != self.structure:
-            result.optimizer_reset = self.optimizer is not None
-            self.optimizer = build_optimizer(self.model, structure, options.hyper())
-            self.structure = structure
-        self.hyper = options.hyper()
-        result.rounding = self.hyper.rounding or default_rounding(self.model)
-        self.optimizer.rounding = result.rounding
-        self.optimizer.generator = rounding_generator(self.device, options.seed, self.global_step)
-
+        result.optimizer_reset, result.rounding = self.prepare(options)
         plan = plan_steps(len(samples), options)
-        result.loss_before = self.evaluate(samples, options.micro_batch_size)
+        measured = evaluation_sample(samples, options.eval_tokens)
+        result.loss_before = self.evaluate(measured, options.micro_batch_size) if measured else None
         started = time.perf_counter()
         for i, indices in enumerate(plan):
             if should_stop is not None and should_stop():
                 result.stopped_early = True
                 break
-            apply_hyper(self.optimizer, self.hyper, warmup_lr(options.lr, options.warmup_steps, self.global_step))
             batch = [samples[j] for j in indices]
-            loss, grad_norm, skip_reason = self._step(batch, options)
+            loss, grad_norm, skip_reason = self.step(self._micro_batches(batch, options.micro_batch_size), options)
             result.last_loss, result.last_grad_norm = loss, grad_norm
             if skip_reason is None:
                 result.steps += 1
@@ -183,27 +166,52 @@ class SFTTrainer:
             else:
                 result.steps_skipped += 1
                 result.skip_reasons.append(f"step {i}: {skip_reason}")
+            result.last_step_at = time.time()
             if on_step is not None:
                 on_step(i + 1, len(plan), result)
         result.train_seconds = time.perf_counter() - started
         result.tokens_per_s = result.tokens / result.train_seconds if result.train_seconds > 0 else 0.0
-        result.loss_after = self.evaluate(samples, options.micro_batch_size)
+        result.loss_after = self.evaluate(measured, options.micro_batch_size) if measured else None
+        result.eval_samples = len(measured)
         result.optimizer_step = self.global_step
         return result
 
-    def _step(self, batch: list[Sample], options: SFTOptions) -> tuple[float, float | None, str | None]:
-        """One optimizer step over ``batch``; returns (loss, grad norm, skip reason)."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def prepare(self, options: SFTOptions) -> tuple[bool, Rounding]:
+        """The server's optimizer set for a job: rebuilt when its structure changes (returns
+        whether it was), its per-step settings applied, the rounding chosen and seeded."""
+        reset = False
+        structure = options.structure()
+        if self.optimizer is None or structure != self.structure or options.reset_optimizer:
+            reset = self.optimizer is not None
+            self.optimizer = build_optimizer(self.model, structure, options.hyper())
+            self.structure = structure
+        self.hyper = options.hyper()
+        rounding = self.hyper.rounding or default_rounding(self.model)
+        self.optimizer.rounding = rounding
+        self.optimizer.generator = rounding_generator(self.device, options.seed, self.global_step)
+        return reset, rounding
+
+    def _micro_batches(self, batch: list[Sample], micro_batch_size: int):
+        """(loss, share of the step) of each micro-batch: the continuation NLL, weighted."""
         total_w = sum(s.weight * len(s.continuation_ids) for s in batch)
-        loss_value = 0.0
-        for i in range(0, len(batch), options.micro_batch_size):
-            mb = collate(batch[i : i + options.micro_batch_size], self.pad_id).to(self.device)
+        for i in range(0, len(batch), micro_batch_size):
+            mb = collate(batch[i : i + micro_batch_size], self.pad_id).to(self.device)
             logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
             loss, w = continuation_nll(logits, mb.labels, mb.token_weights)
+            yield loss, float(w) / total_w
+
+    def step(self, micro_batches: Iterable[tuple[torch.Tensor, float]], options: SFTOptions) -> tuple[float, float | None, str | None]:
+        """One optimizer step: backward through each (loss, share) of ``micro_batches`` (a
+        generator: each forward runs as it is asked for), refuse the step if the loss or
+        the gradient is not finite (weights untouched), clip, and step.
+        Returns (loss, grad norm, skip reason)."""
+        apply_hyper(self.optimizer, self.hyper, warmup_lr(options.lr, options.warmup_steps, self.global_step))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = 0.0
+        for loss, share in micro_batches:
             if not torch.isfinite(loss):
                 self.optimizer.zero_grad(set_to_none=True)
                 return float(loss.detach()), None, "loss is not finite; step skipped, weights unchanged"
-            share = float(w) / total_w
             (loss * share).backward()
             loss_value += float(loss.detach()) * share
         grads = [p.grad for p in self.params if p.grad is not None]

@@ -19,7 +19,8 @@ from pathlib import Path
 import zmq
 from pydantic import ValidationError
 
-from .protocol import PROTOCOL_VERSION, SOCKET_NAME, ErrorInfo, Reply, Request, encode
+from hogwild.contracts.protocol import PROTOCOL_VERSION, SOCKET_NAME, ErrorInfo, Reply, Request, encode
+
 from .service import TrainerService
 
 logger = logging.getLogger("hogwild.worker")
@@ -42,6 +43,9 @@ def parse_request(payload: bytes) -> Request | Reply:
 
 
 def serve(service: TrainerService, parent_pid: int) -> None:
+    """The transport thread: blocks until a request arrives or another thread rings the
+    doorbell with something to send (a reply computed elsewhere, an event); wakes once
+    a second to see whether the parent is still there."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -52,16 +56,38 @@ def serve(service: TrainerService, parent_pid: int) -> None:
         sock.bind(f"ipc://{path}")
     finally:
         os.umask(old_umask)
+    bell_read, bell_write = os.pipe()
+    os.set_blocking(bell_read, False)
+    os.set_blocking(bell_write, False)  # a full pipe already rings
+
+    def ring() -> None:
+        try:
+            os.write(bell_write, b"!")
+        except BlockingIOError:
+            pass
+
+    service.doorbell = ring
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(bell_read, zmq.POLLIN)
     clients: set[bytes] = set()
     logger.info("trainer listening on %s", path)
     while not service.stopping:
-        if sock.poll(50):
-            identity, payload = sock.recv_multipart()[:2]
-            clients.add(identity)
-            request = parse_request(payload)
-            reply = request if isinstance(request, Reply) else service.handle(request, identity)
-            if reply is not None:
-                sock.send_multipart([identity, encode(reply)])
+        ready = dict(poller.poll(1000))
+        if sock in ready:
+            while sock.poll(0):
+                identity, payload = sock.recv_multipart()[:2]
+                clients.add(identity)
+                request = parse_request(payload)
+                reply = request if isinstance(request, Reply) else service.handle(request, identity)
+                if reply is not None:
+                    sock.send_multipart([identity, encode(reply)])
+        if bell_read in ready:
+            try:
+                while os.read(bell_read, 4096):
+                    pass
+            except BlockingIOError:
+                pass
         while not service.outbox.empty():
             target, message = service.outbox.get_nowait()
             frame = encode(message)

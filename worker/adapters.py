@@ -17,10 +17,10 @@ from pathlib import Path
 from pydantic import BaseModel
 from safetensors.torch import load, save
 
+from hogwild.contracts.protocol import OpError
 from hogwild.training.lora import MergeRecord, factor_tensors, factors_from_bytes
 
 from .checkpoint import write_atomic
-from .protocol import OpError
 
 
 class Adapter(BaseModel):

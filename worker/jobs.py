@@ -11,8 +11,9 @@ import threading
 import time
 from collections import deque
 
+from hogwild.contracts.protocol import JobInfo, JobRequest, OpError
+
 from .journal import KEEP_FINISHED, JobJournal
-from .protocol import JobInfo, JobRequest, OpError
 
 RECENT_JOBS = 32  # finished jobs listed by status
 
@@ -52,7 +53,8 @@ class JobBook:
                 info.state, info.finished_at = "failed", time.time()
                 info.error = (f"{reason} while this job was running; {info.step} of {info.total_steps} steps had been "
                               "applied to the served weights. Resubmit it to train the rest.")
-                self.journal.save(info, None)
+                self.journal.save(info)
+                self.journal.drop_request(info.job_id)
                 self.finished.append(info.job_id)
                 failed.append(info)
         return failed
@@ -64,7 +66,8 @@ class JobBook:
             info = JobInfo(job_id=f"job-{secrets.token_hex(6)}", trainer_id=self.trainer_id, mode=op.mode, state="queued",
                            n_samples=n_samples, skipped_ids=skipped_ids, warnings=warnings or [], submitted_at=time.time())
             job = Job(op, info)
-            self.journal.save(info, op)  # durable before the caller hears "queued"
+            self.journal.save_request(info.job_id, op)  # durable before the caller hears "queued"
+            self.journal.save(info)
             self.jobs[info.job_id] = job
             self.pending.append(job)
             self.cv.notify()
@@ -106,7 +109,7 @@ class JobBook:
             job = self.pending.popleft()
             job.info.state, job.info.started_at, job.info.trainer_id = "running", time.time(), self.trainer_id
             self.running = job
-        self.journal.save(job.info, job.op)
+        self.journal.save(job.info)
         return job
 
     def progress(self, job: Job, step: int, total: int) -> None:
@@ -115,7 +118,7 @@ class JobBook:
         now = time.monotonic()
         if now - job.last_saved >= 1.0:
             job.last_saved = now
-            self.journal.save(job.info, job.op, durable=False)
+            self.journal.save(job.info, durable=False)
 
     def end(self, job: Job) -> None:
         with self.cv:
@@ -123,7 +126,8 @@ class JobBook:
             self._finish(job)
 
     def _finish(self, job: Job) -> None:
-        self.journal.save(job.info, None)  # the samples are no longer needed
+        self.journal.save(job.info)
+        self.journal.drop_request(job.info.job_id)  # the samples are no longer needed
         self.finished.append(job.info.job_id)
         if len(self.finished) > KEEP_FINISHED:
             old, self.finished = self.finished[:-KEEP_FINISHED], self.finished[-KEEP_FINISHED:]

@@ -18,10 +18,14 @@ from pathlib import Path
 import torch
 
 PROBE_LENGTH = 64
-# |trainer - vLLM| <= atol + rtol * |vLLM's log-prob|, at every position. fp32: what the two
+# |trainer - vLLM| <= atol + rtol * |vLLM's log-prob| at a position. fp32: what the two
 # implementations' different kernels leave (~1e-6 measured); 16-bit: bf16 activations in both
 # (~4e-3 on the tiny hybrid models, 0.1 at log-probs near -15 after training).
 TOLERANCE = {"float32": (1e-3, 1e-4), "bfloat16": (0.05, 0.02), "float16": (0.05, 0.02)}
+# Positions allowed beyond it: in bf16 a MoE router's top-k can flip between two experts of
+# nearly equal score in one implementation and not the other (seen at 1 position of 63 on
+# the bench-sized Qwen3-Next). A wrong mapping is off nearly everywhere.
+OUTLIER_SHARE = 0.1
 
 
 def probe_ids(vocab_size: int, length: int = PROBE_LENGTH, seed: int = 0) -> list[int]:
@@ -36,6 +40,7 @@ class ParityResult:
     max_abs_diff: float
     position: int  # where the largest gap is (a position of the probe, from 1)
     tolerance: tuple[float, float]
+    beyond: int = 0  # positions beyond the tolerance
     first_differing_tensor: str | None = None  # on failure: the first served tensor unlike the checkpoint's
 
     def reason(self) -> str:
@@ -44,8 +49,8 @@ class ParityResult:
                  if self.first_differing_tensor else "; every served tensor equals the checkpoint's, so the two "
                  "implementations compute this model differently")
         return (f"the trainer's forward does not match vLLM's: log-probabilities of the probe prompt differ by up to "
-                f"{self.max_abs_diff:.3g} (at position {self.position}; tolerance {atol:g} + {rtol:g} x |log p|){where}. "
-                "Training is off: a wrong weight mapping must not train anything")
+                f"{self.max_abs_diff:.3g} (at position {self.position}; beyond the tolerance of {atol:g} + {rtol:g} x |log p| "
+                f"at {self.beyond} positions){where}. Training is off: a wrong weight mapping must not train anything")
 
 
 def compare(trainer: list[float], engine: list[float], dtype: str) -> ParityResult:
@@ -55,8 +60,8 @@ def compare(trainer: list[float], engine: list[float], dtype: str) -> ParityResu
     atol, rtol = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
     gaps = [abs(a - b) for a, b in zip(trainer, engine)]
     worst = max(range(len(gaps)), key=gaps.__getitem__)
-    passed = all(g <= atol + rtol * abs(e) for g, e in zip(gaps, engine))
-    return ParityResult(passed, gaps[worst], worst + 1, (atol, rtol))
+    beyond = sum(g > atol + rtol * abs(e) for g, e in zip(gaps, engine))
+    return ParityResult(beyond <= OUTLIER_SHARE * len(gaps), gaps[worst], worst + 1, (atol, rtol), beyond)
 
 
 def _layer_order(name: str) -> tuple[int, str]:

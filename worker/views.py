@@ -5,13 +5,13 @@ optimizer makes is what vLLM computes with on its next step."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from hogwild.contracts.manifest import Manifest
 from hogwild.training.hf_model import UnsupportedModel, skeleton
-
-from .manifest import Manifest
 
 
 def map_tensors(manifest: Manifest) -> dict[str, torch.Tensor]:
@@ -146,6 +146,34 @@ def shared_parameter_bytes(model: torch.nn.Module) -> int:
     manifest (not in a copy): checked by storage, parameter by parameter."""
     served = getattr(model, "hogwild_served_storages", set())
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.untyped_storage().data_ptr() in served)
+
+
+@dataclass
+class Binding:
+    """What binding the served weights gave (for ``/train/status``)."""
+
+    frozen: dict[str, str] = field(default_factory=dict)  # parameters kept frozen (not views), with why
+    vision_tower: str | None = None  # a vision-language model's tower: what happens to it
+    param_bytes: int = 0
+    shared_param_bytes: int = 0
+    binding_private_bytes: int | None = None  # private memory spent binding: ~0 with views, the model's size with a copy
+
+
+def bind(manifest: Manifest) -> tuple[torch.nn.Module, Binding]:
+    """The view model for the published weights, and what binding them cost."""
+    from hogwild.training.hf_model import is_vision_language
+
+    from .process_memory import memory_snapshot, release_free_heap
+
+    model = model_skeleton(manifest)
+    release_free_heap()
+    before = memory_snapshot()
+    frozen = bind_views(model, manifest)
+    release_free_heap()
+    after = memory_snapshot()
+    vision = "not trained: the trainer builds the language model only" if is_vision_language(manifest.model) else None
+    return model, Binding(frozen, vision, sum(p.numel() * p.element_size() for p in model.parameters()),
+                          shared_parameter_bytes(model), after.get("rss_anon", 0) - before.get("rss_anon", 0))
 
 
 def build_view_model(manifest: Manifest, model_dir: str | Path | None = None):

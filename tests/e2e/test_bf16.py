@@ -10,9 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hogwild import tiny_model
+from hogwild.contracts.sft_config import SFTOptions
 from hogwild.training.batches import Sample
 from hogwild.training.circuit_breaker_data import synthetic_samples
-from hogwild.training.sft import SFTOptions, SFTTrainer
+from hogwild.training.sft import SFTTrainer
 
 from ..conftest import ADMIN_KEY, LIMITS, start_served
 

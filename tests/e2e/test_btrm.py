@@ -6,8 +6,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from hogwild.client import btrm_samples, wrapped_prompt
+from hogwild.contracts.btrm_config import load_config
 from hogwild.training.btrm_corpora import write_corpora
-from hogwild.training.btrm_data import build_labelled_set, load_config
+from hogwild.training.btrm_data import build_labelled_set
 
 from ..test_btrm import assert_positives_above_zero
 

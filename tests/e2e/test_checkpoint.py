@@ -92,8 +92,9 @@ def test_checkpoint_targets_stay_inside_the_allowed_roots(first, model_copy):
 
 def test_reward_heads_are_saved_with_the_checkpoint(first, model_copy, tmp_path_factory):
     from hogwild.client import btrm_samples
+    from hogwild.contracts.btrm_config import load_config
     from hogwild.training.btrm_corpora import write_corpora
-    from hogwild.training.btrm_data import build_labelled_set, load_config
+    from hogwild.training.btrm_data import build_labelled_set
 
     corpora = write_corpora(tmp_path_factory.mktemp("heads"), per_tier=5)
     config = load_config(corpora).model_copy(update={"epochs": 20})

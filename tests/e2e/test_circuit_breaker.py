@@ -9,7 +9,7 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
-from hogwild.training.circuit_breaker import assistant_markers, assistant_spans
+from hogwild.training.chat_masks import assistant_markers, assistant_spans
 from hogwild.training.circuit_breaker_data import synthetic_samples, write_jsonl
 
 pytestmark = pytest.mark.server

@@ -16,10 +16,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hogwild import tiny_model
+from hogwild.contracts.manifest import read_manifest, write_manifest
+from hogwild.contracts.protocol import TokenLogprobsOp
 from hogwild.training.circuit_breaker_data import synthetic_samples
-from hogwild.worker.manifest import read_manifest, write_manifest
 from hogwild.worker.parity import compare
-from hogwild.worker.protocol import TokenLogprobsOp
 
 from ..conftest import ADMIN_KEY, LIMITS, start_served, train_readout_vectors
 from .test_readout import ask, check, current_set, wait_idle

@@ -12,7 +12,7 @@ import psutil
 import pytest
 from transformers import AutoTokenizer
 
-from hogwild.worker.protocol import TokenLogprobsOp
+from hogwild.contracts.protocol import TokenLogprobsOp
 
 from ..conftest import start_served, train_readout_vectors
 from .test_readout import TOLERANCE, ask, check, concurrent_mix, current_set, wait_idle

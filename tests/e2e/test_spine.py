@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hogwild.worker.manifest import read_manifest
-from hogwild.worker.protocol import TokenLogprobsOp
+from hogwild.contracts.manifest import read_manifest
+from hogwild.contracts.protocol import TokenLogprobsOp
 from hogwild.worker.views import map_tensors, served_views
 
 pytestmark = pytest.mark.server

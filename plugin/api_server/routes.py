@@ -5,14 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from hogwild.worker.protocol import JobInfo
+from hogwild.contracts.protocol import CheckpointReport, JobInfo
 
 from .frontend import RETRY_AFTER, Frontend
 from .http_errors import ApiError, PluginRoute
 from .schemas import (
-    BTRMTrainRequest,
     CheckpointRequest,
-    CircuitBreakerTrainRequest,
     ReadoutLoadRequest,
     ReadoutTrainRequest,
     RevertRequest,
@@ -54,17 +52,14 @@ async def train(body: TrainBody, fe: Frontend = Depends(admin)) -> JobInfo:
     """Queue a supervised full-weight update (default mode ``sft``), a reward-head
     training (mode ``btrm``) or a circuit-breaker LoRA merged into the served
     weights (mode ``circuit_breaker``); ``wait: true`` answers when it is done."""
-    if isinstance(body, BTRMTrainRequest):
-        return await fe.train_btrm(body)
-    if isinstance(body, CircuitBreakerTrainRequest):
-        return await fe.train_circuit_breaker(body)
-    return await fe.train(body)
+    return await fe.submit(body, body.wait)
 
 
 async def revert(body: RevertRequest | None = None, fe: Frontend = Depends(admin)) -> JobInfo:
     """Subtract a merged circuit-breaker adapter from the served weights, bit for
     bit when nothing was trained after it (latest first; ``job_id`` names one)."""
-    return await fe.revert(body or RevertRequest())
+    body = body or RevertRequest()
+    return await fe.submit(body, body.wait)
 
 
 async def train_status(fe: Frontend = Depends(reader)) -> JSONResponse:
@@ -84,7 +79,7 @@ async def cancel_job(job_id: str, fe: Frontend = Depends(admin)) -> JobInfo:
     return await fe.cancel(job_id)
 
 
-async def checkpoint(body: CheckpointRequest | None = None, fe: Frontend = Depends(admin)) -> dict:
+async def checkpoint(body: CheckpointRequest | None = None, fe: Frontend = Depends(admin)) -> CheckpointReport:
     """Sync the served weights into the model directory now (changed 4 KiB blocks only),
     with the optimizer state and the ledger; the report says what was written."""
     return await fe.checkpoint(body or CheckpointRequest())
@@ -119,7 +114,7 @@ async def readout_train(body: ReadoutTrainRequest, fe: Frontend = Depends(admin)
     """Train concept vectors on the live weights in the training process (inference
     goes on), write them to ``out`` and, while readout is on, read out with them
     from then on; ``wait: true`` answers when it is done."""
-    return await fe.train_readout(body)
+    return await fe.submit(body, body.wait)
 
 
 for path in both("/readout/train"):

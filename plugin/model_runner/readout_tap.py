@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.library import Library
-from vllm.utils.torch_utils import direct_register_custom_op
 
+from hogwild.contracts.readout_wire import KEY_ARG, PROMPT_ARG, ReadoutStep, encode, inbox_path
 from hogwild.readout import store as readout_store
 from hogwild.readout.vectors import VectorSet
 
-from .readout_wire import KEY_ARG, PROMPT_ARG, ReadoutStep, encode, inbox_path
+from . import vllm_internals
 
 logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 
@@ -58,8 +58,7 @@ def _readout_tap_fake(hidden, residual, layer, sink) -> None:
 # vLLM's own registration helper, not torch.library.custom_op: that one's dispatch
 # costs ~13 us a call here, against ~2 us, and the op runs at every layer of every step.
 _LIBRARY = Library("hogwild", "FRAGMENT")
-direct_register_custom_op("readout_tap", readout_tap, mutates_args=["sink"], fake_impl=_readout_tap_fake,
-                          target_lib=_LIBRARY)
+vllm_internals.register_custom_op("readout_tap", readout_tap, ["sink"], _readout_tap_fake, _LIBRARY)
 
 
 @dataclass
@@ -199,7 +198,7 @@ class ReadoutTap:
             logger.error("hogwild readout: cannot adopt vector set %s: %s", files.version, exc)
 
     def _forget_finished(self) -> None:
-        live = self.runner.requests
+        live = vllm_internals.live_request_ids(self.runner)
         for rid in [r for r in self.wants if r not in live]:
             del self.wants[rid]
             self.read_upto.pop(rid, None)
@@ -209,12 +208,11 @@ class ReadoutTap:
             del self.sets[version]
 
     def _read_wants(self, request_id: str) -> _Wants | None:
-        state = self.runner.requests.get(request_id)
-        extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
-        key = extra.get(KEY_ARG)
+        arguments = vllm_internals.request_arguments(self.runner, request_id)
+        key = arguments[0].get(KEY_ARG) if arguments else None
         if not isinstance(key, str):
             return None
-        return _Wants(key, bool(extra.get(PROMPT_ARG)), int(state.num_prompt_tokens), self.current)
+        return _Wants(key, bool(arguments[0].get(PROMPT_ARG)), arguments[1], self.current)
 
     def _recompute(self, request_id: str) -> None:
         """A request computes again from below what was read: vLLM preempted it and now
@@ -232,15 +230,12 @@ class ReadoutTap:
         self._poll()
         if self.current is None:
             return
-        batch = self.runner.input_batch
-        n = batch.num_reqs
-        if n == 0:
+        rows = vllm_internals.step_rows(self.runner)
+        if not rows.request_ids:
             return
-        # Plain lists: indexing numpy arrays one element at a time costs more than the rest of the loop.
-        query_starts = self.runner.query_start_loc.np[: n + 1].tolist()
-        computed = batch.num_computed_tokens_cpu[:n].tolist()
+        query_starts, computed = rows.query_starts, rows.computed
         by_version: dict[str, _Group] = {}
-        for i, rid in enumerate(batch.req_ids[:n]):
+        for i, rid in enumerate(rows.request_ids):
             wants = self.wants.get(rid, _UNSEEN)
             if wants is _UNSEEN:
                 wants = self.wants[rid] = self._read_wants(rid)
@@ -267,7 +262,7 @@ class ReadoutTap:
         for group in by_version.values():
             group.allocate(self.hidden_size, self.device)
         self.groups = list(by_version.values())
-        if len(self.wants) > 4 * max(n, 64):
+        if len(self.wants) > 4 * max(len(rows.request_ids), 64):
             self._forget_finished()
 
     def on_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
@@ -370,9 +365,10 @@ def attach(runner, session: Path) -> ReadoutTap | None:
     if parallel.pipeline_parallel_size > 1:
         raise RuntimeError("readout needs pipeline parallel size 1 (each stage would hold only some of the layers); "
                            "unset VLLM_READOUT_VECTORS or serve without pipeline parallelism")
-    from vllm.distributed import get_tensor_model_parallel_rank
-
-    if get_tensor_model_parallel_rank() != 0:
+    problem = vllm_internals.installed_version_problem()
+    if problem:
+        raise RuntimeError(f"readout is on (VLLM_READOUT_VECTORS) but {problem}: the tap reads the model runner's batch")
+    if vllm_internals.tensor_parallel_rank() != 0:
         return None  # the residual stream is whole on every rank: one of them reports it
     model_config = runner.vllm_config.model_config
     hidden_size = model_config.get_hidden_size()

@@ -26,13 +26,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import vllm_internals
+
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def patch_cpu_dispatch(training_possible: Callable[[], bool]) -> None:
     """Linear weights computed with ``F.linear`` on the live parameter; conv1d weights left unpacked."""
-    from vllm.model_executor.layers import utils
-
+    utils = vllm_internals.linear_dispatch_module()
     original = utils.dispatch_cpu_unquantized_gemm
     if getattr(original, "hogwild_original", None):
         return
@@ -53,9 +54,8 @@ def patch_cpu_dispatch(training_possible: Callable[[], bool]) -> None:
 
 def _patch_conv_kernels() -> None:
     """Gated DeltaNet's CPU conv kernels take the [C, K] view of an unpacked [C, 1, K] weight."""
-    try:
-        from vllm.model_executor.layers.mamba.ops.cpu import gdn_attention
-    except ImportError:
+    gdn_attention = vllm_internals.gated_deltanet_cpu_kernels()
+    if gdn_attention is None:
         return
 
     def unpacked(kernel):
@@ -100,11 +100,9 @@ def torch_experts(output, hidden_states, w13, w2, w13_bias, w2_bias, topk_weight
 
 def patch_cpu_moe(training_possible: Callable[[], bool]) -> None:
     """CPU MoE experts kept as loaded and computed in torch (see ``torch_experts``)."""
-    try:
-        from vllm.model_executor.layers.fused_moe.experts import cpu_moe
-    except ImportError:
+    cls = vllm_internals.cpu_moe_experts()
+    if cls is None:
         return
-    cls = cpu_moe.CPUUnquantizedExperts
     if getattr(cls.process_weights_after_loading, "hogwild_original", None):
         return
     original_process, original_apply = cls.process_weights_after_loading, cls.apply

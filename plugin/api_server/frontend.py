@@ -16,43 +16,31 @@ from argparse import Namespace
 from pathlib import Path
 
 from hogwild import envs
-from hogwild.training.btrm_data import BTRMConfig, load_config
-from hogwild.training.sft import count_steps
-from hogwild.worker.protocol import (
+from hogwild.contracts.protocol import (
     CancelOp,
     CheckpointOp,
+    CheckpointReport,
     Event,
     HeadScoresOp,
     JobInfo,
     JobOp,
     ParityOp,
     StatusOp,
-    SubmitBTRMOp,
-    SubmitCircuitBreakerOp,
-    SubmitOp,
-    SubmitReadoutOp,
-    SubmitRevertOp,
 )
 
+from ..session import ensure_session_dir
+from ..trainability import unsupported_reason
 from .auth import Access
 from .http_errors import ApiError
+from .job_requests import job_request
 from .limits import Limits
 from .paths import PathPolicy
 from .readout_frontend import ReadoutFrontend
-from .schemas import (
-    BTRMTrainRequest,
-    CheckpointRequest,
-    CircuitBreakerTrainRequest,
-    ReadoutTrainRequest,
-    RevertRequest,
-    ScoreRequest,
-    TrainRequest,
-)
+from .schemas import CheckpointRequest, ScoreRequest
 from .scoring import prompt_token_logprobs, range_totals
-from .session import ensure_session_dir
 from .trainer_client import TrainerClient, TrainerError, TrainerUnavailable
 from .trainer_process import TrainerProcess
-from .weight_export import unsupported_reason
+from .validation import check_token_ids, validate_job
 
 logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 
@@ -63,6 +51,9 @@ RETRY_AFTER = {"Retry-After": "5"}
 HEARTBEAT_S = 2.0
 # How long `wait` keeps waiting through a trainer restart before answering 503.
 WAIT_THROUGH_RESTART_S = 300.0
+# A `wait` caller is answered by the job_finished event; it asks again this often in case
+# the event was lost (the trainer restarted, or the job ended before the caller listened).
+WAIT_FALLBACK_POLL_S = 5.0
 
 
 def default_state_dir(model: str) -> Path:
@@ -101,6 +92,7 @@ class Frontend:
         self.cache_state: tuple[str | None, int] = (None, -1)
         self.cache_lock = asyncio.Lock()
         self.heartbeat: asyncio.Task | None = None
+        self.waiters: dict[str, list[asyncio.Future]] = {}  # job id -> `wait` callers, answered by job_finished
         self.readout = ReadoutFrontend.if_enabled(self.session, config.model_config)
 
     @property
@@ -129,11 +121,11 @@ class Frontend:
         while True:
             try:
                 status = await self.client.request(StatusOp(), timeout=10.0)
-                if status["state"] == "verifying":
-                    await self.check_parity(status["parity"]["probe_ids"])
-                idle = status["running"] is None and not status["queue"]
-                if status["trainer_id"] != self.cache_state[0] or (idle and status["weights_version"] != self.cache_state[1]):
-                    await self.refresh_prefix_cache(status["trainer_id"], status["weights_version"])
+                if status.state == "verifying":
+                    await self.check_parity(status.parity["probe_ids"])
+                idle = status.running is None and not status.queue
+                if status.trainer_id != self.cache_state[0] or (idle and status.weights_version != self.cache_state[1]):
+                    await self.refresh_prefix_cache(status.trainer_id, status.weights_version)
             except TrainerError:
                 pass
             except Exception:
@@ -145,13 +137,14 @@ class Frontend:
         the engine, for the trainer to compare with its own (``worker/parity.py``)."""
         logprobs = await prompt_token_logprobs(self.engine, probe)
         result = await self.client.request(ParityOp(engine_logprobs=logprobs[1:]), timeout=120.0)
-        logger.log(logging.INFO if result["state"] == "passed" else logging.ERROR,
-                   "hogwild: parity gate %s (max |d log p| %.3g over %d positions)", result["state"],
-                   result.get("max_abs_diff", float("nan")), len(probe) - 1)
+        logger.log(logging.INFO if result.state == "passed" else logging.ERROR,
+                   "hogwild: parity gate %s (max |d log p| %.3g over %d positions)", result.state,
+                   result.max_abs_diff if result.max_abs_diff is not None else float("nan"), len(probe) - 1)
 
     # ---- trainer calls ----------------------------------------------------
 
-    async def call(self, body, timeout: float = 30.0) -> dict:
+    async def call(self, body, timeout: float = 30.0):
+        """The op's typed result from the trainer; its errors as HTTP errors."""
         if self.unsupported:
             raise ApiError(501, self.unsupported)
         try:
@@ -167,6 +160,9 @@ class Frontend:
         return f"{exc}; {last} ({self.process.restarts} restarts so far)" if last else str(exc)
 
     async def on_event(self, event: Event) -> None:
+        for waiter in self.waiters.pop(event.job.job_id, []):
+            if not waiter.done():
+                waiter.set_result(event.job)
         # While jobs run back to back, requests see the weights mid-training anyway
         # (HOGWILD); the cache is reset once the trainer falls idle, and always
         # before a `wait` caller is answered.
@@ -190,131 +186,55 @@ class Frontend:
 
     # ---- routes' work -----------------------------------------------------
 
-    def check_tokens(self, ids: list[int], where: str) -> None:
-        bad = next((t for t in ids if t >= self.vocab_size), None)
-        if bad is not None:
-            raise ApiError(422, f"{where}: token id {bad} is outside the vocabulary (size {self.vocab_size})", where)
-
-    async def train(self, req: TrainRequest) -> JobInfo:
-        limits = self.limits
-        if len(req.samples) > limits.max_samples:
-            raise ApiError(413, f"{len(req.samples)} samples; the limit per request is {limits.max_samples} (HOGWILD_MAX_SAMPLES)", "samples")
-        tokens = sum(len(s.context_ids) + len(s.continuation_ids) for s in req.samples)
-        if tokens > limits.max_tokens:
-            raise ApiError(413, f"{tokens} tokens; the limit per request is {limits.max_tokens} (HOGWILD_MAX_TOKENS)", "samples")
-        steps = count_steps(len(req.samples), req.options())
-        if steps > limits.max_steps:
-            raise ApiError(413, f"this job would take {steps} optimizer steps; the limit is {limits.max_steps} (HOGWILD_MAX_STEPS)")
-        for i, s in enumerate(req.samples):
-            self.check_tokens(s.context_ids, f"samples.{i}.context_ids")
-            self.check_tokens(s.continuation_ids, f"samples.{i}.continuation_ids")
-            n = len(s.context_ids) + len(s.continuation_ids)
-            if n > self.max_model_len:
-                raise ApiError(422, f"samples.{i}: context + continuation is {n} tokens, longer than the model's "
-                               f"max length {self.max_model_len}", f"samples.{i}")
-        info = JobInfo(**await self.call(SubmitOp(mode=req.mode, samples=req.samples, options=req.options())))
-        if req.wait:
-            info = await self.wait(info.job_id)
-        return info
-
-    async def train_readout(self, req: ReadoutTrainRequest) -> JobInfo:
-        op = SubmitReadoutOp(stories=str(self.paths.confine(req.stories, "stories")), layers=req.layers,
-                             aggregator=req.aggregator, out=str(self.paths.confine(req.out, "out")),
-                             min_positives=req.min_positives, dtype=req.dtype)
-        info = JobInfo(**await self.call(op))
-        if req.wait:
-            info = await self.wait(info.job_id)
-        return info
-
-    async def train_btrm(self, req: BTRMTrainRequest) -> JobInfo:
-        """Confine every path of the config, then hand it to the trainer."""
-        if req.config_path is not None:
-            path = self.paths.confine(req.config_path, "config_path")
-            try:
-                config, base = load_config(path), path.parent
-            except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
-                raise ApiError(422, f"config_path: {exc}", "config_path") from None
-        else:
-            config, base = req.config, self.paths.roots[0]
-        if req.samples is None:
-            config = self._confined_sources(config, base)
-        for i, s in enumerate(req.samples or []):
-            self.check_tokens(s.ids, f"samples.{i}.ids")
-        if len(req.samples or []) > self.limits.max_samples:
-            raise ApiError(413, f"{len(req.samples)} samples; the limit per request is {self.limits.max_samples}", "samples")
-        info = JobInfo(**await self.call(SubmitBTRMOp(config=config, samples=req.samples)))
-        if req.wait:
-            info = await self.wait(info.job_id)
-        return info
-
-    async def train_circuit_breaker(self, req: CircuitBreakerTrainRequest) -> JobInfo:
-        limits = self.limits
-        if req.config.steps > limits.max_steps:
-            raise ApiError(413, f"config.steps is {req.config.steps}; the limit is {limits.max_steps} (HOGWILD_MAX_STEPS)", "config.steps")
-        dataset = str(self.paths.confine(req.dataset_path, "dataset_path")) if req.dataset_path is not None else None
-        samples = req.samples or []
-        if len(samples) > limits.max_samples:
-            raise ApiError(413, f"{len(samples)} samples; the limit per request is {limits.max_samples} (HOGWILD_MAX_SAMPLES)", "samples")
-        if sum(len(s.ids) for s in samples) > limits.max_tokens:
-            raise ApiError(413, f"the samples hold more than {limits.max_tokens} tokens (HOGWILD_MAX_TOKENS)", "samples")
-        for i, s in enumerate(samples):
-            self.check_tokens(s.ids, f"samples.{i}.ids")
-            if len(s.ids) > self.max_model_len:
-                raise ApiError(422, f"samples.{i}: {len(s.ids)} tokens, longer than the model's max length {self.max_model_len}",
-                               f"samples.{i}")
-        for i, prompt in enumerate(req.config.coherence_prompts or []):
-            self.check_tokens(prompt, f"config.coherence_prompts.{i}")
-        info = JobInfo(**await self.call(SubmitCircuitBreakerOp(config=req.config, samples=req.samples, dataset_path=dataset)))
-        return await self.wait(info.job_id) if req.wait else info
-
-    async def revert(self, req: RevertRequest) -> JobInfo:
-        info = JobInfo(**await self.call(SubmitRevertOp(job_id=req.job_id)))
-        return await self.wait(info.job_id) if req.wait else info
-
-    def _confined_sources(self, config: BTRMConfig, base: Path) -> BTRMConfig:
-        """The config with every source path absolute and inside the path roots."""
-        def fix(spec, where):
-            p = Path(spec.path)
-            resolved = self.paths.confine(str(p if p.is_absolute() else base / p), where)
-            return spec.model_copy(update={"path": str(resolved)})
-
-        heads = [h.model_copy(update={
-            "positive_sources": [fix(s, f"config.heads.{i}.positive_sources.{j}.path") for j, s in enumerate(h.positive_sources)],
-            "negative_sources": [fix(s, f"config.heads.{i}.negative_sources.{j}.path") for j, s in enumerate(h.negative_sources)],
-        }) for i, h in enumerate(config.heads)]
-        shared = [fix(s, f"config.shared_negatives.{j}.path") for j, s in enumerate(config.shared_negatives)]
-        return config.model_copy(update={"heads": heads, "shared_negatives": shared})
+    async def submit(self, body, wait: bool) -> JobInfo:
+        """Any job: its request built from the body, validated once, queued; with ``wait``, its end."""
+        op = job_request(body, self.paths)
+        validate_job(op, self.limits, self.vocab_size, self.max_model_len)
+        info = await self.call(op)
+        return await self.wait(info.job_id) if wait else info
 
     async def wait(self, job_id: str) -> JobInfo:
-        """Poll the job until it ends, then make sure no stale KV cache remains.
-        Waits through a trainer restart: the journal lets the next trainer report it."""
+        """The job's final state, from the job_finished event (asked again every few seconds
+        in case the event was lost), once no stale KV cache remains. Waits through a
+        trainer restart: the journal lets the next trainer report the job."""
+        loop = asyncio.get_running_loop()
         unreachable_since = None
         while True:
+            waiter = loop.create_future()
+            self.waiters.setdefault(job_id, []).append(waiter)  # before asking: an event in between is not missed
             try:
-                info = JobInfo(**await self.call(JobOp(job_id=job_id)))
+                info = await self.call(JobOp(job_id=job_id))
                 unreachable_since = None
-                if info.done:
-                    break
+                if not info.done:
+                    info = await asyncio.wait_for(waiter, WAIT_FALLBACK_POLL_S)
+                break
+            except asyncio.TimeoutError:
+                continue
             except ApiError as exc:
                 if exc.status != 503:
                     raise
-                unreachable_since = unreachable_since or asyncio.get_running_loop().time()
-                if asyncio.get_running_loop().time() - unreachable_since > WAIT_THROUGH_RESTART_S:
+                unreachable_since = unreachable_since or loop.time()
+                if loop.time() - unreachable_since > WAIT_THROUGH_RESTART_S:
                     raise
-            await asyncio.sleep(0.1)
+                await asyncio.sleep(0.5)
+            finally:
+                if waiter in self.waiters.get(job_id, []):
+                    self.waiters[job_id].remove(waiter)
+                    if not self.waiters[job_id]:
+                        del self.waiters[job_id]
         if info.weights_version is not None:
             await self.refresh_prefix_cache(info.trainer_id, info.weights_version)
         return info
 
     async def job(self, job_id: str) -> JobInfo:
-        return JobInfo(**await self.call(JobOp(job_id=job_id)))
+        return await self.call(JobOp(job_id=job_id))
 
-    async def checkpoint(self, req: CheckpointRequest) -> dict:
+    async def checkpoint(self, req: CheckpointRequest) -> CheckpointReport:
         target = str(self.paths.confine(req.target, "target")) if req.target is not None else None
         return await self.call(CheckpointOp(target=target), timeout=24 * 3600)
 
     async def cancel(self, job_id: str) -> JobInfo:
-        return JobInfo(**await self.call(CancelOp(job_id=job_id)))
+        return await self.call(CancelOp(job_id=job_id))
 
     async def status(self) -> tuple[int, dict]:
         """(HTTP status, body): 503 while the trainer cannot be reached."""
@@ -327,12 +247,12 @@ class Frontend:
             status = await self.client.request(StatusOp(), timeout=10.0)
         except TrainerUnavailable as exc:
             return 503, {"state": "unavailable", "reason": self.why_unavailable(exc), "server": server}
-        return 200, {**status, "server": server}
+        return 200, {**status.model_dump(), "server": server}
 
     async def score(self, req: ScoreRequest) -> list[dict]:
         if req.model is not None and req.model not in self.served_names:
             raise ApiError(404, f"The model `{req.model}` does not exist.", "model")
-        self.check_tokens(req.prompt, "prompt")
+        check_token_ids([("prompt", req.prompt)], self.vocab_size)
         if len(req.prompt) >= self.max_model_len:
             raise ApiError(422, f"prompt is {len(req.prompt)} tokens; scoring needs fewer than the model's max length "
                            f"({self.max_model_len})", "prompt")
@@ -347,6 +267,6 @@ class Frontend:
             wanted = req.heads if isinstance(req.heads, list) else None
             positions = [end - 1 for _, end in req.score_ranges]
             heads = await self.call(HeadScoresOp(token_ids=req.prompt, positions=positions, heads=wanted))
-            for entry, row in zip(scores, heads["scores"]):
-                entry["heads"] = dict(zip(heads["heads"], row))
+            for entry, row in zip(scores, heads.scores):
+                entry["heads"] = dict(zip(heads.heads, row))
         return scores

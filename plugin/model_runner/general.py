@@ -30,7 +30,8 @@ from pathlib import Path
 
 from hogwild import envs
 
-from . import live_weights, session, torchvision_free
+from .. import session
+from . import live_weights, torchvision_free, vllm_internals
 
 logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 
@@ -60,7 +61,7 @@ def _training_possible() -> bool:
     then vLLM's fast packed path stays."""
     from vllm.config import get_current_vllm_config
 
-    from .weight_export import unsupported_reason
+    from ..trainability import unsupported_reason
 
     try:
         return unsupported_reason(get_current_vllm_config()) is None
@@ -79,11 +80,9 @@ def _finish_interrupted_checkpoint(model_dir: Path) -> None:
 
 
 def _patch_model_loader() -> None:
-    from vllm.model_executor.model_loader import base_loader
-    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
-
     from .weight_mapping import watch_post_load
 
+    base_loader, BaseModelLoader = vllm_internals.model_loader()
     original = BaseModelLoader.load_model
     if getattr(original, "hogwild_original", None):
         return
@@ -106,16 +105,7 @@ def _patch_model_loader() -> None:
 
 
 def _patch_model_runner() -> None:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    classes = [GPUModelRunner]
-    try:
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-
-        classes.append(CPUModelRunner)
-    except ImportError:
-        pass
-    for cls in classes:
+    for cls in vllm_internals.model_runner_classes():
         original = cls.__dict__.get("load_model")
         if original is None or getattr(original, "hogwild_original", None):
             continue

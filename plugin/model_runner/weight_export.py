@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
+from hogwild.contracts.manifest import ARENA_NAME, CudaIpcHandle, HFView, Manifest, TensorEntry, write_manifest
 from hogwild.training.hf_model import UnsupportedModel
-from hogwild.worker.manifest import ARENA_NAME, CudaIpcHandle, HFView, Manifest, TensorEntry, write_manifest
 
-from .vllm_internals import check_version
+from ..trainability import unsupported_reason
+from .vllm_internals import installed_version_problem
 
 logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 
@@ -121,21 +122,6 @@ def export_cuda(model: torch.nn.Module) -> list[TensorEntry]:
     return entries
 
 
-def unsupported_reason(vllm_config) -> str | None:
-    """Why this server's weights cannot be trained in place, or None."""
-    par = vllm_config.parallel_config
-    if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
-        return (f"training with tensor parallel size {par.tensor_parallel_size} and pipeline parallel size "
-                f"{par.pipeline_parallel_size} is not supported yet (inference works); serve with both set to 1 to train")
-    if getattr(par, "data_parallel_size", 1) > 1:
-        return "training with data parallel size > 1 is not supported yet (inference works)"
-    if vllm_config.quant_config is not None or vllm_config.model_config.quantization:
-        return f"training a quantized model ({vllm_config.model_config.quantization}) is not supported"
-    if vllm_config.device_config.device.type not in ("cpu", "cuda"):
-        return f"training on {vllm_config.device_config.device.type} is not supported"
-    return None
-
-
 def publish(model: torch.nn.Module, vllm_config, session: Path) -> Manifest:
     """Export the weights (or the reason they cannot be) and write the manifest."""
     import vllm
@@ -148,7 +134,7 @@ def publish(model: torch.nn.Module, vllm_config, session: Path) -> Manifest:
         worker_pid=os.getpid(),
         vllm_version=vllm.__version__,
     )
-    reason = unsupported_reason(vllm_config) or check_version(vllm.__version__)
+    reason = unsupported_reason(vllm_config) or installed_version_problem()
     manifest = Manifest(backend="none", unsupported=reason, **base)
     if reason is None:
         try:

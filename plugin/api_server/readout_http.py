@@ -23,9 +23,10 @@ import msgspec
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hogwild.contracts.readout_wire import KEY_ARG, PROMPT_ARG
+
 from .http_errors import error_response
 from .readout_inbox import ReadoutInbox
-from .readout_wire import KEY_ARG, PROMPT_ARG
 
 READOUT_PATHS = ("/v1/completions", "/v1/chat/completions")
 

@@ -6,10 +6,11 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from hogwild.training.btrm_data import BTRMConfig
-from hogwild.training.circuit_breaker import CBConfig, CBSample
-from hogwild.training.sft import SFTOptions
-from hogwild.worker.protocol import BTRMSample, TokenId, TrainSample
+from hogwild.contracts.btrm_config import BTRMConfig
+from hogwild.contracts.circuit_breaker_config import CBConfig, CBSample
+from hogwild.contracts.jobs import BTRMSample, PreferenceSample, TokenId, TrainSample
+from hogwild.contracts.preference_config import PreferenceOptions
+from hogwild.contracts.sft_config import SFTOptions
 
 from .http_errors import UNION_TAGS
 
@@ -74,7 +75,20 @@ class RevertRequest(BaseModel):
     wait: bool = False
 
 
-TRAIN_MODES = ("sft", "btrm", "circuit_breaker")
+class PreferenceTrainRequest(PreferenceOptions):
+    """``POST /train`` with ``"mode": "preference"``: pairs of replies to one context, the
+    wanted one and the other, as token ids; the objective, its settings and every optimizer
+    setting as optional top-level fields (defaults in ``PreferenceOptions``)."""
+
+    samples: list[PreferenceSample] = Field(min_length=1)
+    mode: Literal["preference"]
+    wait: bool = Field(False, description="answer when the job is done (else at once, with its id)")
+
+    def options(self) -> PreferenceOptions:
+        return PreferenceOptions(**{k: getattr(self, k) for k in PreferenceOptions.model_fields})
+
+
+TRAIN_MODES = ("sft", "btrm", "circuit_breaker", "preference")
 UNION_TAGS.update(TRAIN_MODES)
 
 
@@ -84,7 +98,8 @@ def _train_mode(body) -> str:
 
 
 TrainBody = Annotated[Union[Annotated[TrainRequest, Tag("sft")], Annotated[BTRMTrainRequest, Tag("btrm")],
-                            Annotated[CircuitBreakerTrainRequest, Tag("circuit_breaker")]], Discriminator(_train_mode)]
+                            Annotated[CircuitBreakerTrainRequest, Tag("circuit_breaker")],
+                            Annotated[PreferenceTrainRequest, Tag("preference")]], Discriminator(_train_mode)]
 
 
 ScoreRange = Annotated[list[int], Field(min_length=2, max_length=2)]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .readout_wire import choice_index, decode, inbox_path, new_key
+from hogwild.contracts.readout_wire import choice_index, decode, inbox_path, new_key
 
 logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 

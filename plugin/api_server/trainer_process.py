@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .session import lock_path
+from ..session import lock_path
 
 logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 

@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 from pydantic import BaseModel
 
-from hogwild.worker.protocol import SOCKET_NAME, Event, Reply, Request, encode
+from hogwild.contracts.protocol import SOCKET_NAME, Event, Reply, Request, encode
 
 logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 
@@ -49,8 +49,9 @@ class TrainerClient:
         self.reader = asyncio.get_running_loop().create_task(self._read())
         self.tasks: set[asyncio.Task] = set()
 
-    async def request(self, body: BaseModel, timeout: float = 30.0) -> dict:
-        """Send one op and return its result; raises TrainerError/TrainerUnavailable."""
+    async def request(self, body: BaseModel, timeout: float = 30.0):
+        """Send one op and return its result (the op's ``Result`` type); raises
+        TrainerError/TrainerUnavailable."""
         req_id = secrets.token_hex(8)
         future = asyncio.get_running_loop().create_future()
         self.pending[req_id] = future
@@ -67,7 +68,7 @@ class TrainerClient:
             self.pending.pop(req_id, None)
         if not reply.ok:
             raise TrainerError(reply.error.code, reply.error.message)
-        return reply.result or {}
+        return body.Result.model_validate(reply.result or {})
 
     async def _read(self) -> None:
         while True:

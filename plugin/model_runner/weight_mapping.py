@@ -22,8 +22,8 @@ own save-side conversion runs on the fakes first (e.g. its fused
 keyed by the transformers parameter names the trainer binds.
 
 Runs in vLLM's model worker, right after load (the dry run briefly swaps
-parameters to meta: never during a forward pass). Relies on vLLM internals of
-0.32 (``vllm_internals``).
+parameters to meta: never during a forward pass). The vLLM internals it relies on
+are reached through ``vllm_internals``.
 """
 
 from __future__ import annotations
@@ -37,14 +37,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .vllm_internals import (
-    LAYERWISE_INFO,
-    BakeSink,
-    FakeRDTTensor,
-    initialize_layerwise_reload,
-    install_recording_stamps,
-    restore_after_dry_run,
-)
+from .vllm_internals import dry_run_parts, install_recording_stamps, restore_after_dry_run
+
+FakeRDTTensor, BakeSink, LAYERWISE_INFO, initialize_layerwise_reload = dry_run_parts()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,244 @@
+"""The job requests the trainer queues: one class per training mode (its contract entry).
+
+Each says, for the one validation path of the API server and the trainer, how many
+samples it carries, every list of token ids in it (with where it is, for messages),
+every sequence the model reads whole (to fit the served max length), and how many
+optimizer steps it plans. Adding a mode adds one class here (and its ``*_config``),
+to ``JOB_REQUESTS``, and one module to the trainer's registry (``hogwild.worker.kinds``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .btrm_config import BTRMConfig
+from .circuit_breaker_config import CBConfig, CBSample
+from .preference_config import PreferenceOptions
+from .sft_config import SFTOptions, count_steps
+
+TokenId = Annotated[int, Field(ge=0)]
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+class JobInfo(BaseModel):
+    """A training job as the routes report it (the reply to every job request)."""
+
+    job_id: str
+    trainer_id: str  # the trainer process instance that owns the job
+    mode: str
+    state: JobState
+    n_samples: int
+    skipped_ids: list[str] = []  # sample ids already in the ledger, not trained again
+    warnings: list[str] = []  # known at submission, e.g. a learning rate too small for bf16 weights
+    step: int = 0
+    total_steps: int = 0
+    submitted_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    weights_version: int | None = None  # the weights' version when the job ended
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class JobRequestBase(BaseModel):
+    """What every job request tells the validation (none of it by default); the
+    trainer answers it with the job's ``JobInfo``."""
+
+    model_config = ConfigDict(extra="forbid")
+    Result: ClassVar = JobInfo
+
+    def sample_count(self) -> int:
+        return 0
+
+    def token_lists(self) -> Iterator[tuple[str, list[int]]]:
+        """(where, token ids) of every list of token ids the request carries."""
+        return iter(())
+
+    def sequence_lengths(self) -> Iterator[tuple[str, int]]:
+        """(where, length) of every sequence the model reads whole: each must fit the served max length."""
+        return iter(())
+
+    def planned_steps(self) -> int:
+        return 0
+
+
+class TrainSample(BaseModel):
+    """One supervised sample, as token ids (no tokenizer on the server side)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    context_ids: list[TokenId] = Field(min_length=1, description="tokens the model reads (no loss)")
+    continuation_ids: list[TokenId] = Field(min_length=1, description="tokens the model learns to produce")
+    id: str | None = Field(None, min_length=1, max_length=256, description="dedup key: a sample already trained is skipped")
+    weight: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False, description="scales this sample's token losses")
+
+
+class SubmitOp(JobRequestBase):
+    """Supervised full-weight training (``mode: sft``)."""
+
+    op: Literal["submit"] = "submit"
+    mode: Literal["sft"] = "sft"
+    samples: list[TrainSample] = Field(min_length=1)
+    options: SFTOptions = SFTOptions()
+
+    def sample_count(self) -> int:
+        return len(self.samples)
+
+    def token_lists(self):
+        for i, s in enumerate(self.samples):
+            yield f"samples.{i}.context_ids", s.context_ids
+            yield f"samples.{i}.continuation_ids", s.continuation_ids
+
+    def sequence_lengths(self):
+        for i, s in enumerate(self.samples):
+            yield f"samples.{i}: context + continuation", len(s.context_ids) + len(s.continuation_ids)
+
+    def planned_steps(self) -> int:
+        return count_steps(len(self.samples), self.options)
+
+
+class BTRMSample(BaseModel):
+    """One text for the reward heads, as token ids already wrapped in the config's
+    meta-prompt, with its label for each head it takes part in."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    ids: list[TokenId] = Field(min_length=1)
+    labels: dict[str, str] = Field(min_length=1, description='head name -> "positive" or a negative tier (e.g. "soft_neg")')
+
+
+class SubmitBTRMOp(JobRequestBase):
+    """Train the reward heads on the served trunk (frozen). Without samples, the
+    config's sources (absolute paths, already confined) are read and tokenized
+    by the trainer. The trainer keeps each text's last ``max_length`` tokens."""
+
+    op: Literal["submit_btrm"] = "submit_btrm"
+    mode: Literal["btrm"] = "btrm"
+    config: BTRMConfig
+    samples: list[BTRMSample] | None = None
+
+    def sample_count(self) -> int:
+        return len(self.samples or [])
+
+    def token_lists(self):
+        for i, s in enumerate(self.samples or []):
+            yield f"samples.{i}.ids", s.ids
+
+    def planned_steps(self) -> int:
+        batches = math.ceil(len(self.samples) / self.config.batch_size) if self.samples else 1
+        return self.config.epochs * batches + (self.config.trunk_lora_epochs * batches if self.config.trunk_lora else 0)
+
+
+class SubmitCircuitBreakerOp(JobRequestBase):
+    """Train a circuit-breaker LoRA on the served model and, if it passes its
+    guards and the coherence check, merge it into the served weights. Samples
+    inline, or a JSONL dataset (absolute path, already confined) read by the trainer."""
+
+    op: Literal["submit_circuit_breaker"] = "submit_circuit_breaker"
+    mode: Literal["circuit_breaker"] = "circuit_breaker"
+    config: CBConfig
+    samples: list[CBSample] | None = None
+    dataset_path: str | None = None
+
+    def sample_count(self) -> int:
+        return len(self.samples or [])
+
+    def token_lists(self):
+        for i, s in enumerate(self.samples or []):
+            yield f"samples.{i}.ids", s.ids
+        for i, prompt in enumerate(self.config.coherence_prompts or []):
+            yield f"config.coherence_prompts.{i}", prompt
+
+    def sequence_lengths(self):
+        for i, s in enumerate(self.samples or []):
+            yield f"samples.{i}", len(s.ids)
+
+    def planned_steps(self) -> int:
+        return self.config.steps
+
+
+class SubmitRevertOp(JobRequestBase):
+    """Subtract a merged circuit-breaker adapter from the served weights (the
+    latest one by default; an older one only once those after it are reverted)."""
+
+    op: Literal["submit_revert"] = "submit_revert"
+    mode: Literal["revert"] = "revert"
+    job_id: str | None = None  # the job that merged the adapter
+
+
+class SubmitReadoutOp(JobRequestBase):
+    """Train readout concept vectors on the served weights as they are now, write
+    them to ``out`` and (when the server reads out) make them the current set.
+    Paths are absolute and already confined by the API server."""
+
+    op: Literal["submit_readout"] = "submit_readout"
+    mode: Literal["readout"] = "readout"
+    stories: str
+    layers: list[int] = Field(min_length=1)
+    aggregator: Literal["mean", "pca", "logistic"] = "mean"
+    out: str
+    min_positives: int = Field(4, ge=1)
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+
+class PreferenceSample(BaseModel):
+    """A context, the reply wanted and the reply not wanted, as token ids. The reference
+    policy's log-probabilities of both replies (summed over their tokens, e.g. from
+    ``/v1/score`` when the rejected reply was generated) may come with it; else the
+    trainer computes them from the served model as the job starts."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    context_ids: list[TokenId] = Field(min_length=1, description="tokens the model reads (no loss)")
+    chosen_ids: list[TokenId] = Field(min_length=1, description="the reply wanted")
+    rejected_ids: list[TokenId] = Field(min_length=1, description="the reply not wanted")
+    id: str | None = Field(None, min_length=1, max_length=256, description="dedup key: a pair already trained is skipped")
+    weight: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False, description="scales this pair's loss")
+    ref_chosen_logprob: float | None = Field(None, le=0, allow_inf_nan=False)
+    ref_rejected_logprob: float | None = Field(None, le=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _a_real_pair(self) -> "PreferenceSample":
+        if self.chosen_ids == self.rejected_ids:
+            raise ValueError("chosen_ids and rejected_ids are the same reply: a pair needs two different ones")
+        if (self.ref_chosen_logprob is None) != (self.ref_rejected_logprob is None):
+            raise ValueError("give both ref_chosen_logprob and ref_rejected_logprob, or neither")
+        return self
+
+
+class SubmitPreferenceOp(JobRequestBase):
+    """Preference training (``mode: preference``) of the served weights, in place: the
+    reference is the served model as the job starts (its log-probabilities, kept as numbers)."""
+
+    op: Literal["submit_preference"] = "submit_preference"
+    mode: Literal["preference"] = "preference"
+    samples: list[PreferenceSample] = Field(min_length=1)
+    options: PreferenceOptions = PreferenceOptions()
+
+    def sample_count(self) -> int:
+        return len(self.samples)
+
+    def token_lists(self):
+        for i, s in enumerate(self.samples):
+            yield f"samples.{i}.context_ids", s.context_ids
+            yield f"samples.{i}.chosen_ids", s.chosen_ids
+            yield f"samples.{i}.rejected_ids", s.rejected_ids
+
+    def sequence_lengths(self):
+        for i, s in enumerate(self.samples):
+            yield f"samples.{i}: context + chosen", len(s.context_ids) + len(s.chosen_ids)
+            yield f"samples.{i}: context + rejected", len(s.context_ids) + len(s.rejected_ids)
+
+    def planned_steps(self) -> int:
+        return count_steps(len(self.samples), self.options)
+
+
+JOB_REQUESTS = (SubmitOp, SubmitBTRMOp, SubmitCircuitBreakerOp, SubmitRevertOp, SubmitReadoutOp, SubmitPreferenceOp)
+JobRequest = Annotated[Union[JOB_REQUESTS], Field(discriminator="op")]

@@ -1,0 +1,10 @@
+"""The plugin's code that runs in vLLM's API server process(es).
+
+Routes (``routes``, ``schemas``), keys and limits (``auth``, ``limits``, ``paths``),
+the work behind the routes (``frontend``, ``validation``, ``scoring``), the trainer's
+client and supervisor (``trainer_client``, ``trainer_process``), and readout's
+response rewriting (``readout_http``, ``readout_inbox``, ``readout_frontend``). It
+talks to the engine only through public ``EngineClient`` methods, and to the trainer
+over the wire protocol (``hogwild.contracts``); it imports no trainer, loss,
+optimizer or view model (``tests/test_layout.py`` checks it).
+"""

@@ -1,0 +1,20 @@
+"""Whether this server's weights can be trained in place: read from vLLM's config, in
+every vLLM process (the API server answers 501 with the reason; the model worker then
+keeps vLLM's fast kernels and publishes nothing)."""
+
+from __future__ import annotations
+
+
+def unsupported_reason(vllm_config) -> str | None:
+    """Why this server's weights cannot be trained in place, or None."""
+    par = vllm_config.parallel_config
+    if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
+        return (f"training with tensor parallel size {par.tensor_parallel_size} and pipeline parallel size "
+                f"{par.pipeline_parallel_size} is not supported yet (inference works); serve with both set to 1 to train")
+    if getattr(par, "data_parallel_size", 1) > 1:
+        return "training with data parallel size > 1 is not supported yet (inference works)"
+    if vllm_config.quant_config is not None or vllm_config.model_config.quantization:
+        return f"training a quantized model ({vllm_config.model_config.quantization}) is not supported"
+    if vllm_config.device_config.device.type not in ("cpu", "cuda"):
+        return f"training on {vllm_config.device_config.device.type} is not supported"
+    return None

@@ -1,0 +1,87 @@
+"""Checkpoints of the trainer's state: ``POST /checkpoint`` and the sync scheduled after
+training stops. The block-level, crash-safe writing of the weights is ``checkpoint.py``;
+this writes the served weights through it, by the checkpoint's own tensor names, with
+the optimizer state, the ledger and the reward heads beside them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hogwild import envs
+from hogwild.contracts.protocol import CheckpointReport, OpError
+
+from .checkpoint import CheckpointError, copy_model_dir, sync, write_state_file
+from .views import served_views
+
+if TYPE_CHECKING:
+    from .service import TrainerService
+
+logger = logging.getLogger("hogwild.worker")
+
+
+class Checkpointer:
+    def __init__(self):
+        self.restored: dict = {}  # what start-up brought back from the served directory's last checkpoint
+        self.last: dict | None = None
+        self.after_s = 60 * envs.checkpoint_after_minutes()  # 0: never on its own
+        self.due: float | None = None
+
+    def schedule(self) -> None:
+        """After a job changed something worth saving: sync later, batched (each job pushes it back)."""
+        if self.after_s > 0:
+            self.due = time.monotonic() + self.after_s
+
+    def write(self, service: TrainerService, target: str | None) -> CheckpointReport:
+        """Sync the served weights into ``target`` (default: the served directory), with the
+        optimizer state, the ledger and the heads; waits for the running job's end."""
+        source = service.model_dir()
+        if not source.is_dir():
+            raise OpError("conflict", f"the served model {source} is not a local directory: give a target directory")
+        directory = Path(target) if target else source
+        with service.access.exclusive() as model:
+            try:
+                if not (directory / "config.json").exists():
+                    copy_model_dir(source, directory)
+                # By the checkpoint's own names (transformers may fuse what the files keep apart).
+                report = sync(served_views(model.hogwild_served_tensors, service.manifest.checkpoint_views), directory).as_dict()
+                state = service.trainer.save_state()
+                ledger = service.ledger
+                files = {"ledger.jsonl": ledger.path.read_bytes() if ledger.path.exists() else b"", **service.heads.files()}
+                if state is not None:
+                    files.update({"optimizer.safetensors": state[0], "optimizer.json": state[1]})
+                for name, data in files.items():
+                    write_state_file(directory, name, data)
+            except CheckpointError as exc:
+                raise OpError("conflict", str(exc)) from None
+            except OSError as exc:
+                raise OpError("conflict", f"could not write the checkpoint to {directory}: {exc}") from None
+            report.update(state_bytes_written=sum(map(len, files.values())), optimizer_step=service.trainer.global_step,
+                          optimizer_saved=state is not None, heads_saved=service.heads.heads.names if service.heads.heads else [],
+                          ledger_ids=len(ledger), weights_version=service.weights_version, time=time.time())
+            write_state_file(directory, "checkpoint.json", json.dumps(report).encode())
+        if directory == source:
+            self.due = None
+        self.last = report
+        logger.info("checkpoint to %s: %d of %d blocks written (%d bytes) in %.2f s", directory, report["blocks_written"],
+                    report["blocks_compared"], report["bytes_written"], report["seconds"])
+        return CheckpointReport(**report)
+
+    def when_idle(self, service: TrainerService) -> None:
+        """Called by the job thread while idle: sync when the schedule says so."""
+        if self.due is None or time.monotonic() < self.due:
+            return
+        self.due = None
+        try:
+            self.write(service, None)
+        except OpError as exc:
+            self.last = {"error": str(exc), "time": time.time()}
+            logger.error("scheduled checkpoint failed: %s", exc)
+
+    def status(self) -> dict:
+        return {"restored": self.restored, "last": self.last,
+                "scheduled_in_s": max(0.0, self.due - time.monotonic()) if self.due else None,
+                "after_minutes": self.after_s / 60}

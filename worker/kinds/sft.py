@@ -1,0 +1,77 @@
+"""Supervised full-weight training (``mode: sft``): samples the ledger has not seen,
+trained by ``training.sft`` with the server's one optimizer, in place."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+from hogwild.contracts.jobs import SubmitOp
+from hogwild.contracts.protocol import OpError
+from hogwild.training.batches import Sample
+from hogwild.training.memory import estimate_job_memory
+
+from .base import Admission, JobKind
+
+logger = logging.getLogger("hogwild.worker")
+
+
+def unseen(samples, ledger) -> tuple[list, list[str]]:
+    """The samples to train, and the ids skipped: already in the ledger, or repeated in the job."""
+    chosen, skipped, seen = [], [], set()
+    for s in samples:
+        if s.id is not None and (s.id in ledger or s.id in seen):
+            if s.id not in skipped:
+                skipped.append(s.id)
+            continue
+        if s.id is not None:
+            seen.add(s.id)
+        chosen.append(s)
+    return chosen, skipped
+
+
+class SFT(JobKind):
+    request = SubmitOp
+
+    def admit(self, service, op: SubmitOp) -> Admission:
+        _, skipped = unseen(op.samples, service.ledger)
+        return Admission(len(op.samples), skipped, service.trainer.warnings(len(op.samples), op.options))
+
+    def estimate(self, service, op: SubmitOp):
+        options = op.options
+        micro = min(options.micro_batch_size, options.batch_size or len(op.samples), len(op.samples))
+        seq = max(len(s.context_ids) + len(s.continuation_ids) for s in op.samples)
+        trainer = service.trainer
+        new_optimizer = trainer.optimizer is None or trainer.structure != options.structure()
+        return estimate_job_memory(service.access.model, micro, seq, options.rank, new_optimizer)
+
+    def run(self, service, job):
+        info = job.info
+        chosen, skipped = unseen(job.op.samples, service.ledger)
+        info.skipped_ids = skipped
+        samples = [Sample(tuple(s.context_ids), tuple(s.continuation_ids), s.weight, s.id) for s in chosen]
+        if not samples:
+            info.result = {"steps": 0, "note": "every sample was already trained"}
+            return "succeeded", None
+        version_before = service.weights_version
+
+        def on_step(step: int, total: int, result) -> None:
+            service.weights_version = version_before + result.steps
+            service.jobs.progress(job, step, total)
+
+        try:
+            with service.access.exclusive():
+                result = service.trainer.run(samples, job.op.options, on_step=on_step, should_stop=lambda: job.cancel_requested)
+        except OpError as exc:
+            return "failed", str(exc)
+        except Exception as exc:
+            logger.error("job %s failed:\n%s", info.job_id, traceback.format_exc())
+            return "failed", f"{type(exc).__name__}: {exc}"
+        info.result = result.as_dict()
+        if result.stopped_early:
+            return "cancelled", None  # its completed steps stay applied; its samples are not in the ledger
+        service.ledger.record([s.id for s in samples if s.id is not None], info.job_id)
+        return "succeeded", None
+
+
+KIND = SFT()

@@ -11,7 +11,8 @@ default compiled mode).
   plain single process with the same thread count.
 - job_overhead_ratio: a 16-step job's time outside its optimizer steps (journal, bounded
   evaluation, ledger) / the time of its steps; wait_answer_latency_ms: from that job's
-  last step to the ``wait`` caller's answer.
+  last step to the ``wait`` caller's answer, split into last_step_to_job_end_ms (the job's
+  evaluation after its last step) and job_end_to_answer_ms (the answer's delivery).
 - inference_tokens_per_s_ratio_during_training: generated tokens/s of 16
   concurrent greedy streams while a training job runs / idle.
 - inference_tokens_per_s_ratio_vs_plain_vllm: the same streams with the plugin
@@ -146,6 +147,10 @@ def measure(server: VllmServer, path, tok, threads: int, quick: bool, out: dict,
     out["job_step_seconds"] = result["train_seconds"]
     out["job_overhead_ratio"] = (out["job_seconds"] - result["train_seconds"]) / result["train_seconds"]
     out["wait_answer_latency_ms"] = 1000 * (answered_at - result["last_step_at"])
+    # ... of which the job's own work after its last step (evaluation on the same samples, ledger),
+    # and the answer's delivery once the job has ended.
+    out["last_step_to_job_end_ms"] = 1000 * (job["finished_at"] - result["last_step_at"])
+    out["job_end_to_answer_ms"] = 1000 * (answered_at - job["finished_at"])
     after = http.get("/train/status").json()["memory"]
     out["optimizer_state_bytes_ratio"] = after["optimizer_state_bytes"] / after["param_bytes"]
 

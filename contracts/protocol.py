@@ -49,6 +49,7 @@ class TrainerStatus(BaseModel):
     checkpoint: dict[str, Any] = {}
     optimizer: dict[str, Any] = {}
     memory: dict[str, Any] = {}
+    totals: dict[str, Any] = {}  # what this trainer process has done (jobs, tokens, steps, checkpoints), for metrics
 
 
 class CheckpointReport(BaseModel):

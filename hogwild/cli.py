@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 CONFIG_TEMPLATE = """\
@@ -242,6 +243,31 @@ def preference_train(args) -> None:
         print(when, json.dumps({k: round(v, 4) for k, v in (result.get(when) or {}).items()}))
 
 
+def status(args) -> None:
+    """What a running server's trainer reports: the figures its /metrics publish, and more."""
+    from hogwild.client import HogwildClient
+
+    body = HogwildClient(args.url, api_key=args.api_key).status()
+    if args.json:
+        print(json.dumps(body, indent=1))
+        return
+    totals, server = body.get("totals") or {}, body.get("server") or {}
+    rows = [("state", body.get("state")), ("reason", body.get("reason")), ("model", body.get("model")),
+            ("weights version", body.get("weights_version")), ("queue depth", len(body.get("queue") or [])),
+            ("running", (body.get("running") or {}).get("job_id")),
+            ("jobs submitted", totals.get("jobs_submitted")), ("jobs finished", totals.get("jobs_finished")),
+            ("tokens trained", totals.get("tokens_trained")), ("optimizer steps", totals.get("optimizer_steps")),
+            ("last loss", totals.get("last_loss")), ("trainer restarts", server.get("trainer_restarts")),
+            ("checkpoint bytes written", totals.get("checkpoint_bytes_written")),
+            ("checkpoint seconds", totals.get("checkpoint_seconds")),
+            ("readout rows received", server.get("readout_rows_received"))]
+    for name, key in (("seconds since last step", "last_step_at"), ("seconds since last checkpoint", "last_checkpoint_at")):
+        rows.append((name, round(time.time() - totals[key], 1) if totals.get(key) else None))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value if value is not None else '-'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hogwild", description="vllm-hogwild tools")
     sub = parser.add_subparsers(dest="tool", required=True)
@@ -305,6 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--admin-key", default=None)
     p.set_defaults(run=preference_train)
+
+    p = sub.add_parser("status", help="what a running server's trainer reports (the figures of its /metrics)")
+    p.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--json", action="store_true", help="the whole /train/status answer")
+    p.set_defaults(run=status)
 
     args = parser.parse_args(argv)
     args.run(args)

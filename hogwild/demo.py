@@ -187,7 +187,11 @@ class Demo:
         self.preference(tok)
         self.note()
 
-        self.note("## 14. bf16 weights: a small learning rate lands with stochastic rounding, rounds away with nearest")
+        self.note("## 14. What an operator sees: hogwild_* on vLLM's /metrics, and `hogwild status`")
+        self.operability()
+        self.note()
+
+        self.note("## 15. bf16 weights: a small learning rate lands with stochastic rounding, rounds away with nearest")
         self.bf16(tok)
         self.note()
 
@@ -228,6 +232,29 @@ class Demo:
             ax.set_xlabel("optimizer step (the server's)")
             ax.set_ylabel("rewards/margins (beta x log-ratio)")
             ax.set_title("Three pairs, one DPO job on the served weights")
+
+    def operability(self) -> None:
+        """The plugin's lines of a /metrics scrape, a background-priority score, and the CLI."""
+        import contextlib
+        import io
+
+        from hogwild.cli import main as cli
+
+        scrape = self.http.get("/metrics").text
+        shown = ("hogwild_jobs_finished_total", "hogwild_tokens_trained_total", "hogwild_optimizer_steps_total",
+                 "hogwild_weights_version", "hogwild_trainer_up", "hogwild_checkpoint_bytes_written_total")
+        for line in scrape.splitlines():
+            if line.startswith(shown):
+                self.note(f"    {line}")
+        body = {"prompt": [5, 6, 7, 8, 9], "score_ranges": [[0, 5]]}
+        urgent, background = (self.http.post("/v1/score", json={**body, "priority": p}).json() for p in (0, 10))
+        self.note(f"    /v1/score at priority 10 (background) answers as at 0: {urgent == background}")
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            cli(["status", self.server.url])
+        self.note(f"    $ hogwild status {self.server.url}")
+        for line in printed.getvalue().splitlines():
+            self.note(f"      {line}")
 
     def bf16(self, tok) -> None:
         """The same directory served in bf16; one sample at lr 1e-5, written with

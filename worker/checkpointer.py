@@ -29,6 +29,7 @@ class Checkpointer:
         self.last: dict | None = None
         self.after_s = 60 * envs.checkpoint_after_minutes()  # 0: never on its own
         self.due: float | None = None
+        self.totals = {"checkpoint_bytes_written": 0, "checkpoint_seconds": 0.0, "last_checkpoint_at": None}
 
     def schedule(self) -> None:
         """After a job changed something worth saving: sync later, batched (each job pushes it back)."""
@@ -66,6 +67,9 @@ class Checkpointer:
         if directory == source:
             self.due = None
         self.last = report
+        self.totals["checkpoint_bytes_written"] += report["bytes_written"] + report["state_bytes_written"]
+        self.totals["checkpoint_seconds"] += report["seconds"]
+        self.totals["last_checkpoint_at"] = report["time"]
         logger.info("checkpoint to %s: %d of %d blocks written (%d bytes) in %.2f s", directory, report["blocks_written"],
                     report["blocks_compared"], report["bytes_written"], report["seconds"])
         return CheckpointReport(**report)

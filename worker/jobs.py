@@ -36,6 +36,9 @@ class JobBook:
         self.finished: list[str] = []  # oldest first
         self.running: Job | None = None
         self.cv = threading.Condition()
+        # Totals of this trainer process, for metrics: accepted jobs by mode, ended ones by "mode/state".
+        self.submitted: dict[str, int] = {}
+        self.ended: dict[str, int] = {}
 
     def recover(self, reason: str) -> list[JobInfo]:
         """Read the journal left by earlier trainers: finished jobs stay answerable,
@@ -56,6 +59,7 @@ class JobBook:
                 self.journal.save(info)
                 self.journal.drop_request(info.job_id)
                 self.finished.append(info.job_id)
+                self.ended[f"{info.mode}/failed"] = self.ended.get(f"{info.mode}/failed", 0) + 1
                 failed.append(info)
         return failed
 
@@ -68,6 +72,7 @@ class JobBook:
             job = Job(op, info)
             self.journal.save_request(info.job_id, op)  # durable before the caller hears "queued"
             self.journal.save(info)
+            self.submitted[op.mode] = self.submitted.get(op.mode, 0) + 1
             self.jobs[info.job_id] = job
             self.pending.append(job)
             self.cv.notify()
@@ -126,6 +131,8 @@ class JobBook:
             self._finish(job)
 
     def _finish(self, job: Job) -> None:
+        key = f"{job.info.mode}/{job.info.state}"
+        self.ended[key] = self.ended.get(key, 0) + 1
         self.journal.save(job.info)
         self.journal.drop_request(job.info.job_id)  # the samples are no longer needed
         self.finished.append(job.info.job_id)

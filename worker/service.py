@@ -81,6 +81,8 @@ class TrainerService:
         self.memory_limit = envs.trainer_memory_limit()
         self.weights_version = 0
         self.optimizer_state_bytes = 0
+        # What this trainer process has trained, for metrics (``status.totals``).
+        self.trained = {"tokens_trained": 0, "optimizer_steps": 0, "last_loss": None, "last_step_at": None}
         self.heads = HeadBook()
         # Circuit-breaker adapters merged into the served weights, kept so that they
         # can be reverted exactly; in the session directory, so a restarted trainer has them.
@@ -284,6 +286,22 @@ class TrainerService:
                                   weights_changed=False, trainer_idle=self.jobs.running is None and self.jobs.idle()))
         return info
 
+    def _count(self, result: dict) -> None:
+        """Add a job's training to the totals (full-weight jobs: their optimizer steps and tokens)."""
+        if result.get("optimizer_step") is None or "tokens" not in result:
+            return
+        self.trained["tokens_trained"] += result["tokens"]
+        self.trained["optimizer_steps"] += result.get("steps", 0)
+        if result.get("last_loss") is not None:
+            self.trained["last_loss"] = result["last_loss"]
+        if result.get("last_step_at") is not None:
+            self.trained["last_step_at"] = result["last_step_at"]
+
+    def totals(self) -> dict:
+        """Everything this trainer process has done, as metrics report it."""
+        return {"jobs_submitted": dict(self.jobs.submitted), "jobs_finished": dict(self.jobs.ended), **self.trained,
+                **self.checkpointer.totals}
+
     # ---- the job thread -------------------------------------------------
 
     def job_loop(self) -> None:
@@ -312,6 +330,7 @@ class TrainerService:
                 state, error = "failed", str(exc)
         if self.trainer.optimizer is not None:
             self.optimizer_state_bytes = self.trainer.optimizer_bytes()  # the job thread owns the optimizer
+        self._count(info.result or {})
         release_free_heap()
         info.finished_at, info.weights_version, info.error = time.time(), self.weights_version, error
         if self.weights_version != version_before:

@@ -26,6 +26,7 @@ from hogwild.contracts.protocol import (
     JobOp,
     ParityOp,
     StatusOp,
+    TrainerStatus,
 )
 
 from ..session import ensure_session_dir
@@ -34,10 +35,11 @@ from .auth import Access
 from .http_errors import ApiError
 from .job_requests import job_request
 from .limits import Limits
+from .metrics import metrics
 from .paths import PathPolicy
 from .readout_frontend import ReadoutFrontend
 from .schemas import CheckpointRequest, ScoreRequest
-from .scoring import prompt_token_logprobs, range_totals
+from .scoring import BadImage, decode_images, prompt_token_logprobs, range_totals
 from .trainer_client import TrainerClient, TrainerError, TrainerUnavailable
 from .trainer_process import TrainerProcess
 from .validation import check_token_ids, validate_job
@@ -123,14 +125,22 @@ class Frontend:
                 status = await self.client.request(StatusOp(), timeout=10.0)
                 if status.state == "verifying":
                     await self.check_parity(status.parity["probe_ids"])
+                    status = await self.client.request(StatusOp(), timeout=10.0)
+                self.publish(status)
                 idle = status.running is None and not status.queue
                 if status.trainer_id != self.cache_state[0] or (idle and status.weights_version != self.cache_state[1]):
                     await self.refresh_prefix_cache(status.trainer_id, status.weights_version)
             except TrainerError:
-                pass
+                self.publish(None)
             except Exception:
                 logger.exception("hogwild: heartbeat failed")
             await asyncio.sleep(HEARTBEAT_S)
+
+    def publish(self, status: TrainerStatus | None) -> None:
+        """The trainer's figures on /metrics: from the API server process that owns the trainer
+        only, so that with several processes they are counted once (``metrics.py``)."""
+        if self.process.lock_fd is not None:
+            metrics().refresh(status, self.process.restarts)
 
     async def check_parity(self, probe: list[int]) -> None:
         """The parity gate: vLLM's log-probabilities of the trainer's probe prompt, from
@@ -160,6 +170,11 @@ class Frontend:
         return f"{exc}; {last} ({self.process.restarts} restarts so far)" if last else str(exc)
 
     async def on_event(self, event: Event) -> None:
+        if self.process.lock_fd is not None:  # the metrics show the job before anyone hears it ended
+            try:
+                self.publish(await self.client.request(StatusOp(), timeout=10.0))
+            except TrainerError:
+                pass
         for waiter in self.waiters.pop(event.job.job_id, []):
             if not waiter.done():
                 waiter.set_result(event.job)
@@ -239,6 +254,7 @@ class Frontend:
     async def status(self) -> tuple[int, dict]:
         """(HTTP status, body): 503 while the trainer cannot be reached."""
         server = {"session": str(self.session), "state_dir": str(self.state_dir), "trainer_restarts": self.process.restarts,
+                  "readout_rows_received": self.readout.inbox.rows_received if self.readout is not None else 0,
                   "owns_trainer": self.process.lock_fd is not None, "training_routes_refused": self.access.refusal,
                   "limits": vars(self.limits), "path_roots": [str(r) for r in self.paths.roots]}
         if self.unsupported:
@@ -248,6 +264,26 @@ class Frontend:
         except TrainerUnavailable as exc:
             return 503, {"state": "unavailable", "reason": self.why_unavailable(exc), "server": server}
         return 200, {**status.model_dump(), "server": server}
+
+    def images_of(self, req: ScoreRequest) -> tuple[list | None, int | None]:
+        """The request's images, decoded, and the model's image placeholder token; 422 for
+        images a text-only model cannot take, or that are not images."""
+        if req.multi_modal_data is None:
+            return None, None
+        try:
+            images = decode_images(req.multi_modal_data.images())
+        except BadImage as exc:
+            raise ApiError(422, str(exc), str(exc).partition(":")[0]) from None
+        config = self.engine.vllm_config.model_config
+        placeholder = getattr(config.hf_config, "image_token_id", None)
+        if not config.supports_multimodal_inputs or placeholder is None:
+            raise ApiError(422, f"multi_modal_data: the served model takes no images ({config.architecture}"
+                           f"{', served with --language-model-only' if config.is_multimodal_model else ''})", "multi_modal_data")
+        found = sum(t == placeholder for t in req.prompt)
+        if found != len(images):
+            raise ApiError(422, f"multi_modal_data: {len(images)} images, but the prompt has {found} image placeholder "
+                           f"tokens ({placeholder}), one per image", "multi_modal_data")
+        return images, placeholder
 
     async def score(self, req: ScoreRequest) -> list[dict]:
         if req.model is not None and req.model not in self.served_names:
@@ -260,7 +296,8 @@ class Frontend:
             if not (0 <= start < end <= len(req.prompt)):
                 raise ApiError(422, f"score_ranges.{i}: [{start}, {end}) must satisfy 0 <= start < end <= "
                                f"len(prompt) = {len(req.prompt)}", f"score_ranges.{i}")
-        logprobs = await prompt_token_logprobs(self.engine, req.prompt)
+        images, placeholder = self.images_of(req)
+        logprobs = await prompt_token_logprobs(self.engine, req.prompt, req.priority, images, placeholder)
         scores = range_totals(logprobs, req.score_ranges)
         if req.heads:
             # One trunk forward in the trainer, every head at each range's last token.

@@ -20,6 +20,8 @@ import numpy as np
 
 from hogwild.contracts.readout_wire import choice_index, decode, inbox_path, new_key
 
+from .metrics import metrics
+
 logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 
 # How long an answer waits for rows that have not arrived (they are sent before
@@ -43,6 +45,7 @@ class _Entry:
 
 class ReadoutInbox:
     def __init__(self, session: Path):
+        self.rows_received = 0
         self.path = inbox_path(session, os.getpid())
         self.entries: dict[str, _Entry] = {}
         self.socket = None
@@ -84,6 +87,8 @@ class ReadoutInbox:
                     choice.rows[first + i] = values[offset + i]
                 entry.changed.set()
             offset += count
+        self.rows_received += offset
+        metrics().readout_rows.inc(offset)
 
     def open(self, n: int) -> str:
         """A join key for one HTTP request that produces ``n`` choices per prompt."""

@@ -105,6 +105,16 @@ TrainBody = Annotated[Union[Annotated[TrainRequest, Tag("sft")], Annotated[BTRMT
 ScoreRange = Annotated[list[int], Field(min_length=2, max_length=2)]
 
 
+class MultiModalData(BaseModel):
+    """Images as base64 data URIs (``data:image/png;base64,...``): a list, or one."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    image: Annotated[list[str], Field(min_length=1, max_length=64)] | str  # the bound is on the list, not a URI's length
+
+    def images(self) -> list[str]:
+        return [self.image] if isinstance(self.image, str) else list(self.image)
+
+
 class ScoreRequest(BaseModel):
     """``POST /v1/score``: total log-likelihood of token ranges of a prompt."""
 
@@ -114,6 +124,10 @@ class ScoreRequest(BaseModel):
     score_ranges: list[ScoreRange] = Field(min_length=1, description="half-open [start, end) positions into prompt")
     logprobs: int = Field(1, ge=0, le=20, description="accepted for client compatibility; totals use the prompt tokens' own logprobs")
     heads: bool | list[str] = Field(False, description="add reward-head scores, read at each range's last token")
+    priority: int = Field(0, description="the engine's priority for this request (with --scheduling-policy priority; "
+                          "lower runs first, as for completions)")
+    multi_modal_data: MultiModalData | None = Field(None, description="images of the prompt: one placeholder token each "
+                                                    "in prompt; ranges refer to prompt's positions")
 
 
 class CheckpointRequest(BaseModel):

@@ -183,3 +183,14 @@ def test_the_parity_gate_refuses_a_wrong_mapping_and_changes_nothing(family):
         gate.offset, up.offset = up.offset, gate.offset
         write_manifest(manifest, family.session)
         assert restart_trainer()["state"] == "ready"
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_vl"], indirect=True)
+def test_images_to_a_vision_language_model_served_language_only_are_refused(family):
+    from .test_bad_input import check_rejected
+    from .test_operability import _image_uri
+
+    placeholder = family.tok.convert_tokens_to_ids("<|image_pad|>")
+    body = {"prompt": [5, placeholder, 7, 8], "score_ranges": [[0, 4]], "multi_modal_data": {"image": _image_uri()}}
+    check_rejected(family, family.http.post("/v1/score", json=body), 422,
+                   "served with --language-model-only", family.arena_digest())

@@ -5,6 +5,7 @@ chunks long prompts and a KV cache small enough to preempt requests."""
 from __future__ import annotations
 
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -81,3 +82,30 @@ def test_readout_under_compilation_and_chunked_prefill(llama):
     for name, choice in results:
         assert check(model, vector_set, choice) < TOLERANCE, name
     assert max(len(c["prompt"]) for _, c in results) > 64  # chunked: longer than the step's token budget
+
+
+def hogwild_metrics(url: str, headers: dict) -> dict[str, float]:
+    """The ``hogwild_*`` samples of one ``/metrics`` scrape (new connection: either process answers)."""
+    text = httpx.get(url + "/metrics", headers=headers).text
+    return {name: float(value) for line in text.splitlines() if line.startswith("hogwild_")
+            for name, _, value in [line.rpartition(" ")]}
+
+
+def test_two_api_servers_report_one_consistent_set_of_metrics(llama):
+    wait_idle(llama)
+    scrapes = [hogwild_metrics(llama.server.url, llama.server.headers()) for _ in range(20)]
+    steady = {k: v for k, v in scrapes[0].items() if "seconds_since" not in k}
+    assert steady["hogwild_trainer_up"] == 1.0
+    for scrape in scrapes:  # whichever process answered, the same figures (counted once, not per process)
+        assert {k: v for k, v in scrape.items() if "seconds_since" not in k} == steady
+    before = scrapes[0]
+    train(llama, [{"context_ids": [5, 6, 7], "continuation_ids": [8, 9, 10]}], lr=1e-4, steps=3)
+    submitted = 'hogwild_jobs_submitted_total{mode="sft"}'
+    for _ in range(20):  # the process that owns the trainer publishes on the job's event: a moment later at most
+        after = hogwild_metrics(llama.server.url, llama.server.headers())
+        if after.get("hogwild_optimizer_steps_total", 0) > before.get("hogwild_optimizer_steps_total", 0):
+            break
+        time.sleep(0.25)
+    assert after[submitted] == before.get(submitted, 0) + 1
+    assert after["hogwild_optimizer_steps_total"] == before.get("hogwild_optimizer_steps_total", 0) + 3
+    assert after["hogwild_weights_version"] > before["hogwild_weights_version"]

@@ -1,0 +1,81 @@
+"""What the existing client sends to ``/v1/score`` besides ranges (a priority, images), and
+what an operator sees on ``/metrics``: on real `vllm serve`."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import pytest
+from PIL import Image
+
+from hogwild.cli import main as cli
+
+from .test_bad_input import check_rejected
+from .test_llama_compiled import hogwild_metrics
+
+pytestmark = pytest.mark.server
+
+
+def _image_uri() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_a_score_with_a_priority_answers_the_same_totals(served):
+    body = {"prompt": [5, 17, 300, 42, 7, 8, 9], "score_ranges": [[0, 7], [3, 5]]}
+    plain = served.http.post("/v1/score", json=body)
+    urgent, background = (served.http.post("/v1/score", json={**body, "priority": p}) for p in (-5, 10))
+    assert plain.status_code == urgent.status_code == background.status_code == 200, (urgent.text, background.text)
+    assert urgent.json() == plain.json() == background.json()
+
+
+SCORE = {"prompt": [5, 6, 7], "score_ranges": [[0, 3]]}
+BAD = {
+    "priority as a string": ({**SCORE, "priority": "1"}, "priority"),
+    "priority as a float": ({**SCORE, "priority": 1.5}, "priority"),
+    "image not a data URI": ({**SCORE, "multi_modal_data": {"image": ["https://example.com/cat.png"]}},
+                             "multi_modal_data.image.0: not a data URI"),
+    "image not base64": ({**SCORE, "multi_modal_data": {"image": "data:image/png;base64,@@"}}, "not a readable image"),
+    "image not an image": ({**SCORE, "multi_modal_data": {"image": ["data:image/png;base64,aGVsbG8="]}}, "not a readable image"),
+    "unknown modality": ({**SCORE, "multi_modal_data": {"audio": ["data:audio/wav;base64,aGk="]}}, "audio"),
+    "images to a text-only model": ({**SCORE, "multi_modal_data": {"image": [_image_uri()]}}, "the served model takes no images"),
+    "one image to a text-only model": ({**SCORE, "multi_modal_data": {"image": _image_uri()}}, "the served model takes no images"),
+    "an empty list of images": ({**SCORE, "multi_modal_data": {"image": []}}, "multi_modal_data.image"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_score_input_is_refused_and_changes_nothing(served, case):
+    body, needle = BAD[case]
+    check_rejected(served, served.http.post("/v1/score", json=body), 422, needle, served.arena_digest())
+
+
+def test_metrics_show_a_job_the_tokens_and_the_new_weights(served, capsys):
+    headers = served.server.headers()
+    before = hogwild_metrics(served.server.url, headers)
+    assert before["hogwild_trainer_up"] == 1.0
+    r = served.http.post("/train", json={"samples": [{"context_ids": [5, 6, 7], "continuation_ids": [8, 9, 10]}],
+                                         "lr": 1e-4, "steps": 2, "wait": True})
+    assert r.status_code == 200 and r.json()["state"] == "succeeded", r.text
+    for _ in range(20):  # the owner publishes on the job's event; a moment later at most
+        after = hogwild_metrics(served.server.url, headers)
+        if after['hogwild_jobs_finished_total{mode="sft",state="succeeded"}'] > \
+                before.get('hogwild_jobs_finished_total{mode="sft",state="succeeded"}', 0):
+            break
+        time.sleep(0.25)
+    assert after['hogwild_jobs_submitted_total{mode="sft"}'] == before.get('hogwild_jobs_submitted_total{mode="sft"}', 0) + 1
+    assert after['hogwild_jobs_finished_total{mode="sft",state="succeeded"}'] == \
+        before.get('hogwild_jobs_finished_total{mode="sft",state="succeeded"}', 0) + 1
+    assert after["hogwild_tokens_trained_total"] == before.get("hogwild_tokens_trained_total", 0) + 2 * 3
+    assert after["hogwild_optimizer_steps_total"] == before.get("hogwild_optimizer_steps_total", 0) + 2
+    assert after["hogwild_weights_version"] == before["hogwild_weights_version"] + 2
+    assert after["hogwild_seconds_since_last_step"] < 60
+    # /train/status and `hogwild status` show the same figures.
+    totals = served.http.get("/train/status").json()["totals"]
+    assert totals["optimizer_steps"] == after["hogwild_optimizer_steps_total"]
+    cli(["status", served.server.url, "--api-key", served.server.api_key])
+    printed = capsys.readouterr().out
+    assert "optimizer steps" in printed and str(totals["optimizer_steps"]) in printed

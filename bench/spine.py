@@ -12,7 +12,8 @@ default compiled mode).
 - job_overhead_ratio: a 16-step job's time outside its optimizer steps (journal, bounded
   evaluation, ledger) / the time of its steps; wait_answer_latency_ms: from that job's
   last step to the ``wait`` caller's answer, split into last_step_to_job_end_ms (the job's
-  evaluation after its last step) and job_end_to_answer_ms (the answer's delivery).
+  evaluation after its last step) and job_end_to_answer_ms (the answer's delivery); and
+  wait_answer_latency_ms_without_evaluation, for a job with ``eval_tokens: 0``.
 - inference_tokens_per_s_ratio_during_training: generated tokens/s of 16
   concurrent greedy streams while a training job runs / idle.
 - inference_tokens_per_s_ratio_vs_plain_vllm: the same streams with the plugin
@@ -151,6 +152,9 @@ def measure(server: VllmServer, path, tok, threads: int, quick: bool, out: dict,
     # and the answer's delivery once the job has ended.
     out["last_step_to_job_end_ms"] = 1000 * (job["finished_at"] - result["last_step_at"])
     out["job_end_to_answer_ms"] = 1000 * (answered_at - job["finished_at"])
+    # The same with the evaluation off (``eval_tokens: 0``): the answer right after the last step.
+    job = train(samples, wait=True, **{**options, "steps": 2, "eval_tokens": 0})
+    out["wait_answer_latency_ms_without_evaluation"] = 1000 * (time.time() - job["result"]["last_step_at"])
     after = http.get("/train/status").json()["memory"]
     out["optimizer_state_bytes_ratio"] = after["optimizer_state_bytes"] / after["param_bytes"]
 

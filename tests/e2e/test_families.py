@@ -176,6 +176,7 @@ def test_the_parity_gate_refuses_a_wrong_mapping_and_changes_nothing(family):
         assert "the trainer's forward does not match vLLM's" in status["reason"]
         assert f"differ by up to {status['parity']['max_abs_diff']:.3g}" in status["reason"]
         assert "model.layers.0.mlp.gate_proj.weight" in status["reason"]  # where the mapping went wrong
+        assert status["parity"]["positions_beyond"] > 0.5 * len(status["parity"]["probe_ids"])  # off nearly everywhere
         r = family.http.post("/train", json={"samples": [{"context_ids": [5, 6], "continuation_ids": [7]}], "wait": True})
         assert r.status_code == 501 and "does not match vLLM's" in r.json()["error"]["message"]
         assert family.arena_digest() == digest

@@ -5,11 +5,14 @@ likelihood and ORPO and DPOP do not; bad pairs are refused and change nothing.""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from transformers import AutoTokenizer
 
 from hogwild.client import preference_samples
 
+from ..conftest import ADMIN_KEY, LIMITS, start_served
 from .test_bad_input import check_rejected
 
 pytestmark = pytest.mark.server
@@ -21,6 +24,18 @@ PAIRS = [("The fox came to the door and", " asked for bread.", " ran into the fo
 LIKELY = [("A small boat waited by the pier, and", " the keeper lit the lamp on the hill again"),
           ("In the morning the baker", " opened the shop and sang the same old song"),
           ("Under the bridge the children", " counted the fish and named every one of them")]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, tmp_path_factory):
+    """A server of its own: the failure case's answer is known for the tiny model as built, not
+    for whatever the session's shared server has been trained into by earlier modules."""
+    tmp = tmp_path_factory.mktemp("preference")
+    server, handle = start_served(tiny_model_dir, tmp, "preference", dtype="float32",
+                                  env={"HOGWILD_ADMIN_KEY": ADMIN_KEY, **LIMITS})
+    yield handle
+    server.stop()
+    shutil.rmtree(handle.session, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

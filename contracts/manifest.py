@@ -8,6 +8,10 @@ strided view (vLLM fuses q/k/v and gate/up, stacks experts, pads vocabulary
 rows): once for the transformers model's parameters (what the trainer binds) and
 once for the checkpoint's tensors (what a checkpoint sync writes). Tensors that
 are not views of what vLLM computes with are named, with the reason.
+
+Under tensor parallelism each rank publishes its own shard: ``manifest.rank<r>.json``
+beside ``weights.rank<r>.bin``, whose views hold the part of each HF tensor that rank
+computes with (``HFView.shard``); ``manifest.json`` then only says why training is off.
 """
 
 from __future__ import annotations
@@ -19,9 +23,19 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 ARENA_NAME = "weights.bin"  # the CPU weight arena, beside the manifest
+
+
+def rank_manifest_name(rank: int) -> str:
+    """One tensor-parallel rank's manifest."""
+    return f"manifest.rank{rank}.json"
+
+
+def rank_arena_name(rank: int) -> str:
+    """One tensor-parallel rank's CPU weight arena."""
+    return f"weights.rank{rank}.bin"
 
 
 class HFView(BaseModel):
@@ -34,6 +48,9 @@ class HFView(BaseModel):
     offset: int  # elements from the vLLM tensor's first element
     shape: list[int]
     stride: list[int]
+    # Tensor parallel: the view is only this part of the HF tensor, [dim, start, length] for
+    # each split dim (column-parallel: dim 0, row-parallel: dim 1). Empty: the whole tensor.
+    shard: list[list[int]] = []
 
 
 class CudaIpcHandle(BaseModel):
@@ -83,6 +100,8 @@ class Manifest(BaseModel):
     not_views: dict[str, str] = {}  # transformers parameter -> why it is not a view of what vLLM computes with
     worker_pid: int
     vllm_version: str
+    tensor_parallel_rank: int = 0
+    tensor_parallel_size: int = 1
     # Set when training cannot work with this server (e.g. tensor parallel);
     # inference is unaffected and the training routes report this reason.
     unsupported: str | None = None
@@ -92,10 +111,10 @@ class Manifest(BaseModel):
         return sum(t.nbytes for t in self.tensors)
 
 
-def write_manifest(manifest: Manifest, directory: Path) -> Path:
-    """Atomically write ``manifest.json`` (owner-only) into ``directory``."""
-    path = directory / MANIFEST_NAME
-    tmp = directory / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
+def write_manifest(manifest: Manifest, directory: Path, name: str = MANIFEST_NAME) -> Path:
+    """Atomically write the manifest (owner-only) into ``directory``."""
+    path = directory / name
+    tmp = directory / f".{name}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(manifest.model_dump_json(indent=1))
@@ -105,9 +124,9 @@ def write_manifest(manifest: Manifest, directory: Path) -> Path:
     return path
 
 
-def read_manifest(directory: Path) -> Manifest:
-    """Read and version-check ``manifest.json``; raises FileNotFoundError/ValueError."""
-    raw = json.loads((directory / MANIFEST_NAME).read_text())
+def read_manifest(directory: Path, name: str = MANIFEST_NAME) -> Manifest:
+    """Read and version-check a manifest; raises FileNotFoundError/ValueError."""
+    raw = json.loads((directory / name).read_text())
     if raw.get("version") != MANIFEST_VERSION:
         raise ValueError(f"weight manifest version {raw.get('version')} is not {MANIFEST_VERSION}: plugin and trainer differ")
     return Manifest.model_validate(raw)

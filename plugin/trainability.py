@@ -1,16 +1,16 @@
 """Whether this server's weights can be trained in place: read from vLLM's config, in
-every vLLM process (the API server answers 501 with the reason; the model worker then
-keeps vLLM's fast kernels and publishes nothing)."""
+every vLLM process (the API server answers 501 with the reason; the model worker keeps
+vLLM's fast kernels where it publishes nothing)."""
 
 from __future__ import annotations
 
 
-def unsupported_reason(vllm_config) -> str | None:
-    """Why this server's weights cannot be trained in place, or None."""
+def unpublishable_reason(vllm_config) -> str | None:
+    """Why the model worker cannot publish this server's weights for a trainer, or None."""
     par = vllm_config.parallel_config
-    if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
-        return (f"training with tensor parallel size {par.tensor_parallel_size} and pipeline parallel size "
-                f"{par.pipeline_parallel_size} is not supported yet (inference works); serve with both set to 1 to train")
+    if par.pipeline_parallel_size > 1:
+        return (f"training with pipeline parallel size {par.pipeline_parallel_size} is not supported (inference works); "
+                "serve with pipeline parallel size 1 to train")
     if getattr(par, "data_parallel_size", 1) > 1:
         return "training with data parallel size > 1 is not supported yet (inference works)"
     if vllm_config.quant_config is not None or vllm_config.model_config.quantization:
@@ -18,3 +18,15 @@ def unsupported_reason(vllm_config) -> str | None:
     if vllm_config.device_config.device.type not in ("cpu", "cuda"):
         return f"training on {vllm_config.device_config.device.type} is not supported"
     return None
+
+
+def unsupported_reason(vllm_config) -> str | None:
+    """Why this server's weights cannot be trained in place, or None."""
+    reason = unpublishable_reason(vllm_config)
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if reason is None and tp > 1:
+        # Each rank's shard is published and mapped (manifest.rank<r>.json); the trainer's
+        # ranks, one per vLLM rank, are not built yet.
+        return (f"training with tensor parallel size {tp} is not supported yet (inference works); "
+                "serve with tensor parallel size 1 to train")
+    return reason

@@ -9,7 +9,7 @@ import sys
 from types import SimpleNamespace
 
 from hogwild.contracts.protocol import PROTOCOL_VERSION, Request, StatusOp, TokenLogprobsOp
-from hogwild.plugin.trainability import unsupported_reason
+from hogwild.plugin.trainability import unpublishable_reason, unsupported_reason
 from hogwild.worker.__main__ import parse_request
 
 PROBE = """
@@ -61,6 +61,9 @@ def test_parallel_and_quantized_servers_are_refused_with_a_reason():
     assert "data parallel" in unsupported_reason(config(dp=2))
     assert "quantized" in unsupported_reason(config(quant="fp8"))
     assert "inference works" in unsupported_reason(config(tp=2))
+    # Tensor parallel alone still publishes each rank's shard; the others publish nothing.
+    assert unpublishable_reason(config(tp=2)) is None
+    assert all(unpublishable_reason(config(**bad)) for bad in ({"pp": 2}, {"dp": 2}, {"quant": "fp8"}, {"device": "xpu"}))
 
 
 def test_wire_messages_are_versioned_json():

@@ -9,8 +9,8 @@ first two and the last matter in the worker process, where the model is loaded):
    conv1d, MoE experts) and computes with the copies; in-place updates of the
    parameters would then change nothing. ``live_weights`` keeps them live.
 2. After the model loader has loaded and post-processed the weights (and before
-   warm-up), the weights are published for the trainer (``weight_export``),
-   with where each Hugging Face tensor lies in them (``weight_mapping``; what
+   warm-up), the weights (each tensor-parallel rank its shard) are published for
+   the trainer (``weight_export``), with where each Hugging Face tensor lies in them (``weight_mapping``; what
    ``process_weights_after_loading`` rewrote is watched and never mapped).
    Before it reads the model directory, a checkpoint sync that was killed
    half-way is finished or undone (``hogwild.worker.checkpoint.recover``).
@@ -47,8 +47,8 @@ def register() -> None:
     _installed = True
     torchvision_free.install()  # before vLLM inspects the architecture (in a subprocess that runs this too)
     session.ensure_session_dir()
-    live_weights.patch_cpu_dispatch(_training_possible)
-    live_weights.patch_cpu_moe(_training_possible)
+    live_weights.patch_cpu_dispatch(_publishing)
+    live_weights.patch_cpu_moe(_publishing)
     _patch_model_loader()
     if envs.readout_vectors() is not None:
         # The tap reads the V1 runner's batch; on GPU vLLM 0.32 defaults to V2.
@@ -56,15 +56,15 @@ def register() -> None:
         _patch_model_runner()
 
 
-def _training_possible() -> bool:
-    """False where the weights will not be published (e.g. tensor parallel):
-    then vLLM's fast packed path stays."""
+def _publishing() -> bool:
+    """False where the weights will not be published (e.g. pipeline parallel): then
+    vLLM's fast packed path stays. Tensor-parallel ranks publish their shards."""
     from vllm.config import get_current_vllm_config
 
-    from ..trainability import unsupported_reason
+    from ..trainability import unpublishable_reason
 
     try:
-        return unsupported_reason(get_current_vllm_config()) is None
+        return unpublishable_reason(get_current_vllm_config()) is None
     except Exception:
         return True
 

@@ -13,7 +13,7 @@ memory that no longer holds the weight. Three places do this in vLLM 0.32:
   prepacked copies (``CPUUnquantizedExperts.process_weights_after_loading``):
   kept as loaded, and the experts computed in torch from them, expert by expert.
 
-Each patch applies only where training is possible (``training_possible``); else
+Each patch applies only where the weights are published (``publishing``); else
 vLLM's fast paths stay. GPU backends compute with the loaded tensors already; any
 backend that rewrites a weight after loading is caught by ``watch_post_load`` and
 that weight is not mapped.
@@ -31,7 +31,7 @@ from . import vllm_internals
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
-def patch_cpu_dispatch(training_possible: Callable[[], bool]) -> None:
+def patch_cpu_dispatch(publishing: Callable[[], bool]) -> None:
     """Linear weights computed with ``F.linear`` on the live parameter; conv1d weights left unpacked."""
     utils = vllm_internals.linear_dispatch_module()
     original = utils.dispatch_cpu_unquantized_gemm
@@ -40,7 +40,7 @@ def patch_cpu_dispatch(training_possible: Callable[[], bool]) -> None:
 
     def dispatch_live_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
         w = layer.weight
-        if w.is_meta or not training_possible():
+        if w.is_meta or not publishing():
             return original(layer, remove_weight)
         if w.ndim == 2:
             layer.cpu_linear = torch.nn.functional.linear
@@ -98,7 +98,7 @@ def torch_experts(output, hidden_states, w13, w2, w13_bias, w2_bias, topk_weight
     output.copy_(total.to(output.dtype))
 
 
-def patch_cpu_moe(training_possible: Callable[[], bool]) -> None:
+def patch_cpu_moe(publishing: Callable[[], bool]) -> None:
     """CPU MoE experts kept as loaded and computed in torch (see ``torch_experts``)."""
     cls = vllm_internals.cpu_moe_experts()
     if cls is None:
@@ -108,7 +108,7 @@ def patch_cpu_moe(training_possible: Callable[[], bool]) -> None:
     original_process, original_apply = cls.process_weights_after_loading, cls.apply
 
     def process_weights_after_loading(self, layer):
-        self.hogwild_live = training_possible()
+        self.hogwild_live = publishing()
         if not self.hogwild_live:
             return original_process(self, layer)
         self._use_zentorch = False

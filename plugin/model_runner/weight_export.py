@@ -16,10 +16,20 @@ from pathlib import Path
 
 import torch
 
-from hogwild.contracts.manifest import ARENA_NAME, CudaIpcHandle, HFView, Manifest, TensorEntry, write_manifest
+from hogwild.contracts.manifest import (
+    ARENA_NAME,
+    MANIFEST_NAME,
+    CudaIpcHandle,
+    HFView,
+    Manifest,
+    TensorEntry,
+    rank_arena_name,
+    rank_manifest_name,
+    write_manifest,
+)
 from hogwild.training.hf_model import UnsupportedModel
 
-from ..trainability import unsupported_reason
+from ..trainability import unpublishable_reason, unsupported_reason
 from .vllm_internals import installed_version_problem
 
 logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
@@ -31,9 +41,10 @@ class NotEnoughSharedMemory(RuntimeError):
     pass
 
 
-def hf_views(model: torch.nn.Module, model_dir: Path, dtype: torch.dtype) -> dict:
+def hf_views(model: torch.nn.Module, model_dir: Path, dtype: torch.dtype, shards: bool = False) -> dict:
     """Where the trainer's transformers parameters and the checkpoint's tensors lie in
-    vLLM's parameters (``weight_mapping``), as manifest fields."""
+    vLLM's parameters (``weight_mapping``), as manifest fields; with ``shards`` (a
+    tensor-parallel rank) a view may hold a part of its tensor."""
     from vllm.config import get_current_vllm_config, set_current_vllm_config
 
     from hogwild.training.hf_model import skeleton
@@ -44,14 +55,14 @@ def hf_views(model: torch.nn.Module, model_dir: Path, dtype: torch.dtype) -> dic
     with set_current_vllm_config(get_current_vllm_config()):
         hf = skeleton(model_dir, dtype)
     params = [(n, tuple(p.shape)) for n, p in hf.named_parameters()]
-    mapping = derive_mapping(model, params, hf_model=hf)
+    mapping = derive_mapping(model, params, hf_model=hf, shards=shards)
     not_views = dict(mapping.not_views)
     not_views.update({n: "vLLM's loader never copied it anywhere" for n in mapping.ignored})
-    checkpoint = derive_mapping(model, list(checkpoint_names(hf, params, dtype).items()))
+    checkpoint = derive_mapping(model, list(checkpoint_names(hf, params, dtype).items()), shards=shards)
 
     def entries(views) -> list[HFView]:
-        return [HFView(name=n, tensor=v.tensor, offset=v.offset, shape=list(v.shape), stride=list(v.stride))
-                for n, v in views.items()]
+        return [HFView(name=n, tensor=v.tensor, offset=v.offset, shape=list(v.shape), stride=list(v.stride),
+                       shard=[list(s) for s in v.shard]) for n, v in views.items()]
 
     return dict(model_class=type(hf).__name__, views=entries(mapping.views), checkpoint_views=entries(checkpoint.views),
                 not_views=not_views)
@@ -66,11 +77,11 @@ def _layout(params: list[tuple[str, torch.nn.Parameter]]) -> tuple[list[int], in
     return offsets, cursor
 
 
-def export_cpu(model: torch.nn.Module, session: Path) -> tuple[list[TensorEntry], str, int]:
+def export_cpu(model: torch.nn.Module, session: Path, arena_name: str = ARENA_NAME) -> tuple[list[TensorEntry], str, int]:
     """Move every parameter into a shared-memory arena; returns entries, path, size."""
     params = list(model.named_parameters())
     offsets, total = _layout(params)
-    path = session / ARENA_NAME
+    path = session / arena_name
     free = os.statvfs(session).f_bavail * os.statvfs(session).f_frsize
     if free < total:
         raise NotEnoughSharedMemory(
@@ -123,32 +134,51 @@ def export_cuda(model: torch.nn.Module) -> list[TensorEntry]:
 
 
 def publish(model: torch.nn.Module, vllm_config, session: Path) -> Manifest:
-    """Export the weights (or the reason they cannot be) and write the manifest."""
+    """Export the weights (or the reason they cannot be) and write the manifest.
+
+    Under tensor parallelism each rank exports its own shard under its rank's names,
+    and rank 0 writes ``manifest.json`` with the reason training is off."""
     import vllm
 
     model_config = vllm_config.model_config
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    rank = 0
+    if tp > 1:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        rank = get_tensor_model_parallel_rank()
     base = dict(
         model=str(model_config.model),
         architectures=list(getattr(model_config.hf_config, "architectures", None) or []),
         dtype=str(model_config.dtype).removeprefix("torch."),
         worker_pid=os.getpid(),
         vllm_version=vllm.__version__,
+        tensor_parallel_rank=rank,
+        tensor_parallel_size=tp,
     )
-    reason = unsupported_reason(vllm_config) or installed_version_problem()
+    untrainable = unsupported_reason(vllm_config) or installed_version_problem()
+    reason = unpublishable_reason(vllm_config) or installed_version_problem()
     manifest = Manifest(backend="none", unsupported=reason, **base)
     if reason is None:
         try:
-            views = hf_views(model, Path(str(model_config.model)), model_config.dtype)  # before the weights move
+            views = hf_views(model, Path(str(model_config.model)), model_config.dtype, shards=tp > 1)  # before the weights move
             if vllm_config.device_config.device.type == "cuda":
-                manifest = Manifest(backend="cuda_ipc", tensors=export_cuda(model), **views, **base)
+                manifest = Manifest(backend="cuda_ipc", tensors=export_cuda(model), unsupported=untrainable, **views, **base)
             else:
-                entries, path, total = export_cpu(model, session)
-                manifest = Manifest(backend="cpu_shm", arena=path, arena_bytes=total, tensors=entries, **views, **base)
+                entries, path, total = export_cpu(model, session, rank_arena_name(rank) if tp > 1 else ARENA_NAME)
+                manifest = Manifest(backend="cpu_shm", arena=path, arena_bytes=total, tensors=entries, unsupported=untrainable,
+                                    **views, **base)
         except UnsupportedModel as exc:
             manifest = Manifest(backend="none", unsupported=str(exc), **base)
         except Exception as exc:  # inference must keep working whatever happens here
             logger.exception("hogwild: could not publish the weights; training is disabled")
             manifest = Manifest(backend="none", unsupported=f"weights could not be published: {exc}", **base)
-    write_manifest(manifest, session)
-    logger.info("hogwild: published %d tensors (%s) in %s", len(manifest.tensors), manifest.backend, session)
+    if tp > 1:
+        write_manifest(manifest, session, rank_manifest_name(rank))
+        if rank == 0:  # what the trainer reads: why it cannot train here
+            write_manifest(Manifest(backend="none", unsupported=manifest.unsupported, **base), session, MANIFEST_NAME)
+    else:
+        write_manifest(manifest, session)
+    logger.info("hogwild: published %d tensors (%s, tensor parallel rank %d of %d) in %s",
+                len(manifest.tensors), manifest.backend, rank, tp, session)
     return manifest

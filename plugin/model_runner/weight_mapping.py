@@ -50,6 +50,9 @@ class View:
     offset: int  # elements, from the parameter's first element
     shape: tuple[int, ...]
     stride: tuple[int, ...]
+    # Under tensor parallelism, the part of the HF tensor this rank holds, as (dim, start,
+    # length) for each split dim: the view is ``hf.narrow(dim, start, length)...``. Empty: whole.
+    shard: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -215,25 +218,32 @@ def _unravel(position: int, shape, strides) -> list[int]:
     return [(position // strides[d]) % shape[d] if shape[d] > 0 else 0 for d in range(len(shape))]
 
 
-def solve_view(shape, dtype, pieces: list[Piece], param_numel: int) -> tuple[int, tuple[int, ...]]:
-    """(offset, stride) of the one strided view of the parameter that, pushed through
-    each piece's chain, lands exactly on that piece's region; raises ``NotAView``.
+def solve_view(shape, dtype, pieces: list[Piece], param_numel: int,
+               shards: bool = False) -> tuple[int, tuple[int, ...], tuple[tuple[int, int, int], ...]]:
+    """(offset, stride, shard) of the one strided view of the parameter that, pushed
+    through each piece's chain, lands exactly on that piece's region; raises ``NotAView``.
 
     Each chain is replayed on a contiguous meta tensor of the HF shape to learn which
     HF indices the piece holds; the strides of the HF dims follow from the piece's
     region (or, for a dim no piece spans, e.g. experts stacked from per-expert
     copies, from the pieces' positions); then every piece is checked by replaying
-    its chain on the solved view of a meta parameter."""
+    its chain on the solved view of a meta parameter. The pieces must cover the
+    whole HF tensor, or, with ``shards`` (a tensor-parallel rank), a box of it: then
+    ``shard`` says which part ((dim, start, length) per split dim) and the view is of
+    that part only."""
     nd, c = len(shape), _contiguous_strides(shape)
     source = torch.empty(max(math.prod(shape), 1), dtype=dtype, device="meta")
     strides: list[int | None] = [None] * nd
     references = []  # (HF index of the piece's first element, its position in the parameter)
+    low, high = list(shape), [-1] * nd  # the box of HF indices the pieces hold
     covered = 0
     for p in pieces:
         y = _replay(source.as_strided(shape, c, 0), p.chain, source)
         if tuple(y.shape) != p.shape:
             y = y.broadcast_to(p.shape)
         first = _unravel(y.storage_offset(), shape, c)
+        last = _unravel(y.storage_offset() + sum((n - 1) * s for n, s in zip(y.shape, y.stride())), shape, c)
+        low, high = [min(a, b) for a, b in zip(low, first)], [max(a, b) for a, b in zip(high, last)]
         references.append((first, p.offset))
         covered += math.prod(p.shape)
         for d in range(nd):
@@ -246,9 +256,12 @@ def solve_view(shape, dtype, pieces: list[Piece], param_numel: int) -> tuple[int
             if strides[d] is not None and strides[d] != s:
                 raise NotAView(f"dim {d}: the pieces disagree on its stride ({strides[d]} vs {s})")
             strides[d] = s
-    if covered != math.prod(shape):
+    box = tuple(h - lo + 1 for lo, h in zip(low, high))
+    if covered != math.prod(shape) and not shards:
         raise NotAView(f"the copies cover {covered} of its {math.prod(shape)} elements")
-    unknown = [d for d in range(nd) if strides[d] is None and shape[d] > 1]
+    if covered != math.prod(box):
+        raise NotAView(f"the copies ({covered} elements) do not cover one box of the tensor")
+    unknown = [d for d in range(nd) if strides[d] is None and box[d] > 1]
     if unknown:
         rows = [[1.0] + [float(first[d]) for d in unknown] for first, _ in references]
         rhs = [float(pos - sum(first[d] * strides[d] for d in range(nd) if strides[d] is not None)) for first, pos in references]
@@ -261,19 +274,24 @@ def solve_view(shape, dtype, pieces: list[Piece], param_numel: int) -> tuple[int
     if any(s < 0 for s in strides):
         raise NotAView(f"negative stride {strides}")
     first, position = references[0]
-    offset = position - sum(i * s for i, s in zip(first, strides))
-    last = offset + sum((n - 1) * s for n, s in zip(shape, strides))
-    if offset < 0 or last >= param_numel:
-        raise NotAView(f"the view (offset {offset}, stride {strides}) falls outside the parameter")
-    base = torch.empty(param_numel, dtype=dtype, device="meta")
-    view = base.as_strided(shape, strides, offset)
+    offset = position - sum(i * s for i, s in zip(first, strides))  # of the whole tensor's first element
+    box_offset = offset + sum(i * s for i, s in zip(low, strides))
+    last = box_offset + sum((n - 1) * s for n, s in zip(box, strides))
+    if box_offset < 0 or last >= param_numel:
+        raise NotAView(f"the view (offset {box_offset}, stride {strides}) falls outside the parameter")
+    # The whole tensor's view, on a meta parameter shifted so that it fits when only a shard is here.
+    shift = max(0, -offset)
+    extent = offset + sum((n - 1) * s for n, s in zip(shape, strides)) + 1
+    base = torch.empty(max(param_numel, extent) + shift, dtype=dtype, device="meta")
+    view = base.as_strided(shape, strides, offset + shift)
     for p in pieces:
         y = _replay(view, p.chain, base)
         if tuple(y.shape) != p.shape:
             y = y.broadcast_to(p.shape)
-        if y.storage_offset() != p.offset or any(n > 1 and a != b for n, a, b in zip(p.shape, y.stride(), p.stride)):
+        if y.storage_offset() - shift != p.offset or any(n > 1 and a != b for n, a, b in zip(p.shape, y.stride(), p.stride)):
             raise NotAView(f"no single strided view reproduces the copy {p.chain} -> (offset {p.offset}, stride {p.stride})")
-    return offset, tuple(strides)
+    shard = tuple((d, lo, n) for d, (lo, n, whole) in enumerate(zip(low, box, shape)) if n != whole)
+    return box_offset, tuple(strides), shard
 
 
 # ---- what process_weights_after_loading did
@@ -338,10 +356,12 @@ def checkpoint_names(hf_model, names_and_shapes: Iterable[tuple[str, tuple[int, 
 
 
 def derive_mapping(vllm_model: torch.nn.Module, names_and_shapes: Iterable[tuple[str, tuple[int, ...]]], *,
-                   hf_model=None) -> Mapping:
+                   hf_model=None, shards: bool = False) -> Mapping:
     """For each (name, shape): its view of one vLLM parameter, or why it has none.
 
-    Names are checkpoint tensor names, or ``hf_model``'s parameter names when it is given."""
+    Names are checkpoint tensor names, or ``hf_model``'s parameter names when it is given.
+    With ``shards`` (a tensor-parallel rank) a view may hold one box of its tensor
+    (``View.shard``); without, a tensor vLLM holds only part of is not a view."""
     dtype = next(vllm_model.parameters()).dtype
     device = next(vllm_model.parameters()).device
     result, sink = Mapping(), CheckedSink()
@@ -389,10 +409,10 @@ def derive_mapping(vllm_model: torch.nn.Module, names_and_shapes: Iterable[tuple
         targets = sorted({p.tensor for p in mine})
         # Copied into several tensors: fine if one holds it whole (vLLM keeps duplicates).
         whole = [t for t in targets if sum(math.prod(p.shape) for p in mine if p.tensor == t) == math.prod(shape)]
-        if not whole:
+        if not whole and not (shards and len(targets) == 1):
             result.not_views[name] = f"split across several vLLM tensors: {targets}"
             continue
-        target = whole[0]
+        target = (whole or targets)[0]
         tensor, meta = live[target]
         if target in changed:
             result.not_views[name] = f"{target}: {changed[target]}"
@@ -401,11 +421,14 @@ def derive_mapping(vllm_model: torch.nn.Module, names_and_shapes: Iterable[tuple
             result.not_views[name] = f"{target} was laid out anew after loading"
             continue
         try:
-            offset, stride = solve_view(shape, dtype, [p for p in mine if p.tensor == target], numel[target])
+            offset, stride, shard = solve_view(shape, dtype, [p for p in mine if p.tensor == target], numel[target], shards)
         except NotAView as exc:
             result.not_views[name] = str(exc)
             continue
-        result.views[name] = View(target, offset, shape, stride)
+        held = list(shape)
+        for d, _, n in shard:
+            held[d] = n
+        result.views[name] = View(target, offset, tuple(held), stride, shard)
 
     for name, t in [*vllm_model.named_parameters(), *vllm_model.named_buffers()]:
         if covered.get(name, 0) < t.numel():

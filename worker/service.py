@@ -312,7 +312,6 @@ class TrainerService:
             job = self.jobs.next(lambda: self.stopping, on_idle=lambda: self.checkpointer.when_idle(self))
             if job is not None:
                 self._run(job)
-                self.jobs.end(job)
 
     def _run(self, job: Job) -> None:
         info = job.info
@@ -336,6 +335,7 @@ class TrainerService:
         if self.weights_version != version_before:
             self.checkpointer.schedule()
         info.state = state  # last: whoever sees a finished job sees all of it
+        self.jobs.end(job)  # counted and journaled before the event: the metrics show it to whoever hears it ended
         self.send(None, Event(event="job_finished", trainer_id=self.trainer_id, job=info, weights_version=self.weights_version,
                               weights_changed=self.weights_version != version_before, trainer_idle=self.jobs.idle()))
 

@@ -4,6 +4,7 @@ the whole session (start-up costs ~35 s on this machine)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -108,11 +109,20 @@ def start_served(model_dir: Path, tmp: Path, name: str, env: dict | None = None,
     return server, Served(server, model_dir, session, state_dir)
 
 
+@contextlib.contextmanager
+def serving(model_dir: Path, tmp: Path, name: str, **kwargs):
+    """``start_served`` for a fixture's life: the handle, then the server stopped and its
+    session directory removed."""
+    server, handle = start_served(model_dir, tmp, name, **kwargs)
+    try:
+        yield handle
+    finally:
+        server.stop()
+        shutil.rmtree(handle.session, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def served(tiny_model_dir, tiny_readout, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("served")
-    server, handle = start_served(tiny_model_dir, tmp, "qwen2", dtype="float32",
-                                  env={"HOGWILD_ADMIN_KEY": ADMIN_KEY, "VLLM_READOUT_VECTORS": str(tiny_readout), **LIMITS})
-    yield handle
-    server.stop()
-    shutil.rmtree(handle.session, ignore_errors=True)
+    with serving(tiny_model_dir, tmp_path_factory.mktemp("served"), "qwen2", dtype="float32",
+                 env={"HOGWILD_ADMIN_KEY": ADMIN_KEY, "VLLM_READOUT_VECTORS": str(tiny_readout), **LIMITS}) as handle:
+        yield handle

@@ -156,8 +156,9 @@ def publish(model: torch.nn.Module, vllm_config, session: Path) -> Manifest:
         tensor_parallel_rank=rank,
         tensor_parallel_size=tp,
     )
-    untrainable = unsupported_reason(vllm_config) or installed_version_problem()
-    reason = unpublishable_reason(vllm_config) or installed_version_problem()
+    vllm_problem = installed_version_problem()
+    untrainable = unsupported_reason(vllm_config) or vllm_problem
+    reason = unpublishable_reason(vllm_config) or vllm_problem
     manifest = Manifest(backend="none", unsupported=reason, **base)
     if reason is None:
         try:

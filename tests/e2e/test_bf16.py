@@ -3,8 +3,6 @@ round away with nearest rounding, and a merged adapter still reverts bit for bit
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -15,7 +13,7 @@ from hogwild.training.batches import Sample
 from hogwild.training.circuit_breaker_data import synthetic_samples
 from hogwild.training.sft import SFTTrainer
 
-from ..conftest import ADMIN_KEY, LIMITS, start_served
+from ..conftest import ADMIN_KEY, LIMITS, serving
 
 pytestmark = pytest.mark.server
 
@@ -26,10 +24,8 @@ LR, STEPS = 1e-5, 30
 def bf16(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bf16")
     model_dir = tiny_model.build(tmp / "tiny-bf16", dtype="bfloat16")
-    server, handle = start_served(model_dir, tmp, "bf16", dtype="bfloat16", env={"HOGWILD_ADMIN_KEY": ADMIN_KEY, **LIMITS})
-    yield handle
-    server.stop()
-    shutil.rmtree(handle.session, ignore_errors=True)
+    with serving(model_dir, tmp, "bf16", dtype="bfloat16", env={"HOGWILD_ADMIN_KEY": ADMIN_KEY, **LIMITS}) as handle:
+        yield handle
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ and the parity gate refuses a deliberately wrong mapping without touching the we
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 
@@ -21,7 +20,7 @@ from hogwild.contracts.protocol import TokenLogprobsOp
 from hogwild.training.circuit_breaker_data import synthetic_samples
 from hogwild.worker.parity import compare
 
-from ..conftest import ADMIN_KEY, LIMITS, start_served, train_readout_vectors
+from ..conftest import ADMIN_KEY, LIMITS, serving, train_readout_vectors
 from .test_readout import ask, check, current_set, wait_idle
 
 pytestmark = pytest.mark.server
@@ -52,12 +51,10 @@ def family(request, tmp_path_factory):
     env = {"HOGWILD_ADMIN_KEY": ADMIN_KEY, **LIMITS}
     if arch == READOUT_FAMILY:
         env["VLLM_READOUT_VECTORS"] = str(train_readout_vectors(model_dir, tmp / "readout", [0, 1]))
-    server, handle = start_served(model_dir, tmp, arch, dtype=dtype, env=env, extra_args=list(tiny_model.FAMILIES[arch].serve_args))
-    handle.arch, handle.dtype = arch, dtype
-    handle.tok = AutoTokenizer.from_pretrained(handle.model_dir)
-    yield handle
-    server.stop()
-    shutil.rmtree(handle.session, ignore_errors=True)
+    with serving(model_dir, tmp, arch, dtype=dtype, env=env, extra_args=list(tiny_model.FAMILIES[arch].serve_args)) as handle:
+        handle.arch, handle.dtype = arch, dtype
+        handle.tok = AutoTokenizer.from_pretrained(handle.model_dir)
+        yield handle
 
 
 def vllm_logprobs(handle, prompt: list[int]) -> list[float]:

@@ -4,7 +4,6 @@ schema: no 5xx, no crash, and a rejected request never changes the weights."""
 from __future__ import annotations
 
 import re
-import shutil
 
 import httpx
 import pytest
@@ -14,7 +13,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.core import NotSet
 
-from ..conftest import start_served
+from ..conftest import serving
 
 pytestmark = pytest.mark.server
 
@@ -27,12 +26,10 @@ FUZZ_LIMITS = {"HOGWILD_MAX_SAMPLES": "8", "HOGWILD_MAX_TOKENS": "512", "HOGWILD
 @pytest.fixture(scope="module")
 def fuzzed(tiny_model_dir, tiny_readout, tmp_path_factory):
     # No key, beyond loopback, with the explicit opt-in: the widest surface.
-    server, handle = start_served(tiny_model_dir, tmp_path_factory.mktemp("fuzz"), "fuzz", dtype="float32", api_key=None,
-                                  host="0.0.0.0", env={"HOGWILD_ALLOW_UNAUTHENTICATED_TRAINING": "1",
-                                                                                  "VLLM_READOUT_VECTORS": str(tiny_readout), **FUZZ_LIMITS})
-    yield handle
-    server.stop()
-    shutil.rmtree(handle.session, ignore_errors=True)
+    with serving(tiny_model_dir, tmp_path_factory.mktemp("fuzz"), "fuzz", dtype="float32", api_key=None, host="0.0.0.0",
+                 env={"HOGWILD_ALLOW_UNAUTHENTICATED_TRAINING": "1", "VLLM_READOUT_VECTORS": str(tiny_readout),
+                      **FUZZ_LIMITS}) as handle:
+        yield handle
 
 
 def plugin_operations(url: str):

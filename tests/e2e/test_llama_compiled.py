@@ -4,7 +4,6 @@ chunks long prompts and a KV cache small enough to preempt requests."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +14,7 @@ from transformers import AutoTokenizer
 
 from hogwild.contracts.protocol import TokenLogprobsOp
 
-from ..conftest import start_served, train_readout_vectors
+from ..conftest import serving, train_readout_vectors
 from .test_readout import TOLERANCE, ask, check, concurrent_mix, current_set, wait_idle
 from .test_spine import hf_model_with_served_weights, train, vllm_position_logprobs
 
@@ -25,13 +24,10 @@ pytestmark = pytest.mark.server
 @pytest.fixture(scope="module")
 def llama(tiny_llama_dir, tmp_path_factory):
     vectors = train_readout_vectors(tiny_llama_dir, tmp_path_factory.mktemp("llama-readout"), [0, 1])
-    server, handle = start_served(tiny_llama_dir, tmp_path_factory.mktemp("llama"), "llama", dtype="float32",
-                                  eager=False, env={"VLLM_READOUT_VECTORS": str(vectors)},
-                                  extra_args=["--api-server-count", "2", "--max-num-batched-tokens", "64",
-                                              "--num-gpu-blocks-override", "5"])
-    yield handle
-    server.stop()
-    shutil.rmtree(handle.session, ignore_errors=True)
+    with serving(tiny_llama_dir, tmp_path_factory.mktemp("llama"), "llama", dtype="float32", eager=False,
+                 env={"VLLM_READOUT_VECTORS": str(vectors)},
+                 extra_args=["--api-server-count", "2", "--max-num-batched-tokens", "64", "--num-gpu-blocks-override", "5"]) as handle:
+        yield handle
 
 
 def test_two_api_servers_share_one_trainer(llama):

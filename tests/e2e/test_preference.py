@@ -5,14 +5,12 @@ likelihood and ORPO and DPOP do not; bad pairs are refused and change nothing.""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 from transformers import AutoTokenizer
 
 from hogwild.client import preference_samples
 
-from ..conftest import ADMIN_KEY, LIMITS, start_served
+from ..conftest import ADMIN_KEY, LIMITS, serving
 from .test_bad_input import check_rejected
 
 pytestmark = pytest.mark.server
@@ -30,12 +28,9 @@ LIKELY = [("A small boat waited by the pier, and", " the keeper lit the lamp on 
 def served(tiny_model_dir, tmp_path_factory):
     """A server of its own: the failure case's answer is known for the tiny model as built, not
     for whatever the session's shared server has been trained into by earlier modules."""
-    tmp = tmp_path_factory.mktemp("preference")
-    server, handle = start_served(tiny_model_dir, tmp, "preference", dtype="float32",
-                                  env={"HOGWILD_ADMIN_KEY": ADMIN_KEY, **LIMITS})
-    yield handle
-    server.stop()
-    shutil.rmtree(handle.session, ignore_errors=True)
+    with serving(tiny_model_dir, tmp_path_factory.mktemp("preference"), "preference", dtype="float32",
+                 env={"HOGWILD_ADMIN_KEY": ADMIN_KEY, **LIMITS}) as handle:
+        yield handle
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ where every checkpoint tensor's part lies in it, and the training routes say why
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from safetensors import safe_open
@@ -13,7 +11,7 @@ from hogwild import tiny_model
 from hogwild.contracts.manifest import rank_manifest_name, read_manifest
 from hogwild.worker.views import map_tensors, served_views
 
-from ..conftest import start_served
+from ..conftest import serving
 
 pytestmark = pytest.mark.server
 
@@ -28,12 +26,10 @@ def tp2(request, tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"tp2-{request.param}")
     model_dir = tiny_model_dir if request.param == "qwen2" else tiny_model.build(tmp / "tiny", arch=request.param)
     # Two CPU workers need one core each (this machine has one NUMA node).
-    server, handle = start_served(model_dir, tmp, "tp2", dtype="float32", wait_trainer=False,
-                                  extra_args=["--tensor-parallel-size", "2"], env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
-    handle.arch = request.param
-    yield handle
-    server.stop()
-    shutil.rmtree(handle.session, ignore_errors=True)
+    with serving(model_dir, tmp, "tp2", dtype="float32", wait_trainer=False,
+                 extra_args=["--tensor-parallel-size", "2"], env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as handle:
+        handle.arch = request.param
+        yield handle
 
 
 def test_training_routes_explain_that_tensor_parallel_is_not_supported(tp2):

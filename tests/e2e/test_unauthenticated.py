@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-from ..conftest import start_served
+from ..conftest import serving
 
 pytestmark = pytest.mark.server
 
@@ -14,10 +12,8 @@ pytestmark = pytest.mark.server
 @pytest.fixture(scope="module")
 def open_server(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("open")
-    server, handle = start_served(tiny_model_dir, tmp, "open", dtype="float32", api_key=None, host="0.0.0.0")
-    yield handle
-    server.stop()
-    shutil.rmtree(handle.session, ignore_errors=True)
+    with serving(tiny_model_dir, tmp, "open", dtype="float32", api_key=None, host="0.0.0.0") as handle:
+        yield handle
 
 
 def test_training_is_refused_without_a_key_beyond_loopback_and_says_so(open_server):

@@ -31,7 +31,11 @@ def unseen(samples, ledger) -> tuple[list, list[str]]:
 
 
 class SFT(JobKind):
+    """Also the base of the other full-weight modes on ledger-tracked samples (preference):
+    they differ in what a sample becomes, which trainer runs it and its memory."""
+
     request = SubmitOp
+    noun = "sample"
 
     def admit(self, service, op: SubmitOp) -> Admission:
         _, skipped = unseen(op.samples, service.ledger)
@@ -45,13 +49,20 @@ class SFT(JobKind):
         new_optimizer = trainer.optimizer is None or trainer.structure != options.structure()
         return estimate_job_memory(service.access.model, micro, seq, options.rank, new_optimizer)
 
+    def items(self, samples) -> list:
+        """The request's samples as the trainer takes them."""
+        return [Sample(tuple(s.context_ids), tuple(s.continuation_ids), s.weight, s.id) for s in samples]
+
+    def train(self, service, items: list, options, **callbacks):
+        return service.trainer.run(items, options, **callbacks)
+
     def run(self, service, job):
         info = job.info
         chosen, skipped = unseen(job.op.samples, service.ledger)
         info.skipped_ids = skipped
-        samples = [Sample(tuple(s.context_ids), tuple(s.continuation_ids), s.weight, s.id) for s in chosen]
-        if not samples:
-            info.result = {"steps": 0, "note": "every sample was already trained"}
+        items = self.items(chosen)
+        if not items:
+            info.result = {"steps": 0, "note": f"every {self.noun} was already trained"}
             return "succeeded", None
         version_before = service.weights_version
 
@@ -61,7 +72,7 @@ class SFT(JobKind):
 
         try:
             with service.access.exclusive():
-                result = service.trainer.run(samples, job.op.options, on_step=on_step, should_stop=lambda: job.cancel_requested)
+                result = self.train(service, items, job.op.options, on_step=on_step, should_stop=lambda: job.cancel_requested)
         except OpError as exc:
             return "failed", str(exc)
         except Exception as exc:
@@ -70,7 +81,7 @@ class SFT(JobKind):
         info.result = result.as_dict()
         if result.stopped_early:
             return "cancelled", None  # its completed steps stay applied; its samples are not in the ledger
-        service.ledger.record([s.id for s in samples if s.id is not None], info.job_id)
+        service.ledger.record([item.id for item in items if item.id is not None], info.job_id)
         return "succeeded", None
 
 

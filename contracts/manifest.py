@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-MANIFEST_VERSION = 3
+MANIFEST_VERSION = 4
 MANIFEST_NAME = "manifest.json"
 ARENA_NAME = "weights.bin"  # the CPU weight arena, beside the manifest
 
@@ -49,7 +49,8 @@ class HFView(BaseModel):
     shape: list[int]
     stride: list[int]
     # Tensor parallel: the view is only this part of the HF tensor, [dim, start, length] for
-    # each split dim (column-parallel: dim 0, row-parallel: dim 1). Empty: the whole tensor.
+    # each split dim (column-parallel: dim 0, row-parallel: dim 1); [dim, start, length, k]:
+    # that part of each of k equal blocks along dim, stacked (a fused gate/up). Empty: whole.
     shard: list[list[int]] = []
 
 

@@ -260,7 +260,8 @@ def status(args) -> None:
             ("last loss", totals.get("last_loss")), ("trainer restarts", server.get("trainer_restarts")),
             ("checkpoint bytes written", totals.get("checkpoint_bytes_written")),
             ("checkpoint seconds", totals.get("checkpoint_seconds")),
-            ("readout rows received", server.get("readout_rows_received"))]
+            ("readout rows received", server.get("readout_rows_received")),
+            ("trainer ranks", (body.get("tensor_parallel") or {}).get("size"))]
     for name, key in (("seconds since last step", "last_step_at"), ("seconds since last checkpoint", "last_checkpoint_at")):
         rows.append((name, round(time.time() - totals[key], 1) if totals.get(key) else None))
     width = max(len(name) for name, _ in rows)

@@ -5,8 +5,9 @@ vLLM's fast kernels where it publishes nothing)."""
 from __future__ import annotations
 
 
-def unpublishable_reason(vllm_config) -> str | None:
-    """Why the model worker cannot publish this server's weights for a trainer, or None."""
+def unsupported_reason(vllm_config) -> str | None:
+    """Why this server's weights cannot be trained in place, or None. Tensor parallel is
+    supported: each vLLM rank publishes its shard and the trainer runs one rank per vLLM rank."""
     par = vllm_config.parallel_config
     if par.pipeline_parallel_size > 1:
         return (f"training with pipeline parallel size {par.pipeline_parallel_size} is not supported (inference works); "
@@ -18,15 +19,3 @@ def unpublishable_reason(vllm_config) -> str | None:
     if vllm_config.device_config.device.type not in ("cpu", "cuda"):
         return f"training on {vllm_config.device_config.device.type} is not supported"
     return None
-
-
-def unsupported_reason(vllm_config) -> str | None:
-    """Why this server's weights cannot be trained in place, or None."""
-    reason = unpublishable_reason(vllm_config)
-    tp = vllm_config.parallel_config.tensor_parallel_size
-    if reason is None and tp > 1:
-        # Each rank's shard is published and mapped (manifest.rank<r>.json); the trainer's
-        # ranks, one per vLLM rank, are not built yet.
-        return (f"training with tensor parallel size {tp} is not supported yet (inference works); "
-                "serve with tensor parallel size 1 to train")
-    return reason

@@ -59,9 +59,11 @@ class Served:
         headers = {**server.headers(), **({"X-Hogwild-Admin-Key": admin} if admin else {})}
         self.http = httpx.Client(base_url=server.url, headers=headers, timeout=300)
 
-    def arena_digest(self) -> str:
-        """SHA-256 of every byte of the served weights (the shared arena)."""
-        return hashlib.sha256((self.session / "weights.bin").read_bytes()).hexdigest()
+    def arena_digest(self, rank: int | None = None) -> str:
+        """SHA-256 of every byte of the served weights (the shared arena; a tensor-parallel rank's)."""
+        from hogwild.contracts.manifest import rank_arena_name
+
+        return hashlib.sha256((self.session / (rank_arena_name(rank) if rank is not None else "weights.bin")).read_bytes()).hexdigest()
 
     def complete(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
         r = self.http.post("/v1/completions", json={"model": str(self.model_dir), "prompt": prompt_ids,

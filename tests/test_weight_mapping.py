@@ -1,12 +1,12 @@
 """The view solver on hand-made copies: a whole tensor, a tensor-parallel rank's part of one
-(column- and row-parallel), and copies that are no single view."""
+(column- and row-parallel, a fused tensor split per block), and copies that are no single view."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hogwild.plugin.model_runner.weight_mapping import NotAView, Piece, solve_view
+from hogwild.plugin.model_runner.view_solver import NotAView, Piece, solve_view
 
 
 def narrow(dim: int, start: int, length: int) -> tuple:
@@ -46,9 +46,23 @@ def test_a_whole_tensor_is_no_shard():
     assert shard == () and torch.equal(held(param, offset, (3, 4), stride), hf)
 
 
-def test_parts_that_are_not_one_box_are_not_a_view():
-    # A fused tensor whose two parts are each split across ranks (Phi-3's qkv_proj under TP):
-    # rank 0 holds rows 0-1 and 4-5 of it, which is not one box of the tensor.
-    pieces = [Piece("p", narrow(0, 0, 2), 0, (2, 4), (4, 1)), Piece("p", narrow(0, 4, 2), 8, (2, 4), (4, 1))]
+def test_a_fused_tensor_split_per_block_is_its_blocks_parts_stacked():
+    # gate_up [2I, H] with gate and up each split across ranks: rank 1 of 2 holds rows 2-3
+    # (its part of gate) and 6-7 (of up), stacked in its own tensor as vLLM's w13 shard is.
+    hf = torch.arange(32.0).view(8, 4)
+    param = torch.cat([hf[2:4], hf[6:8]])
+    pieces = [Piece("w13", narrow(0, 2, 2), 0, (2, 4), (4, 1)), Piece("w13", narrow(0, 6, 2), 8, (2, 4), (4, 1))]
+    offset, stride, shard = solve_view((8, 4), torch.float32, pieces, param.numel(), shards=True)
+    assert shard == ((0, 2, 2, 2),)
+    assert torch.equal(held(param, offset, (4, 4), stride), param)
+    with pytest.raises(NotAView, match="cover 16 of its 32"):
+        solve_view((8, 4), torch.float32, pieces, param.numel())
+
+
+def test_parts_of_unequal_blocks_are_not_a_view():
+    # Phi-3's qkv_proj with grouped-query attention (q 4 rows, k 2, v 2) under TP 2: rank 0
+    # holds rows 0-1, 4 and 6, which is neither one box nor one part of equal blocks.
+    pieces = [Piece("p", narrow(0, 0, 2), 0, (2, 4), (4, 1)), Piece("p", narrow(0, 4, 1), 8, (1, 4), (4, 1)),
+              Piece("p", narrow(0, 6, 1), 12, (1, 4), (4, 1))]
     with pytest.raises(NotAView, match="one box"):
         solve_view((8, 4), torch.float32, pieces, 16, shards=True)

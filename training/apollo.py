@@ -19,9 +19,12 @@ kept in fp32. With fp32 weights it computes what ``APOLLOAdamW.step`` does
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from apollo_torch import APOLLOAdamW
+from apollo_torch.random_projector import GradientProjector, next_seed
 
 from hogwild.contracts.sft_config import ApolloHyper, ApolloStructure, Rounding
 
@@ -33,8 +36,20 @@ def is_projected(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim == 2 and ".layers." in f".{name}"
 
 
+@dataclass(frozen=True)
+class SplitMatrix:
+    """A tensor-parallel rank's part of a projected weight: along ``dim``, the slice from
+    ``start`` of a matrix of ``full_shape``; the other parts are on the ranks of ``group``."""
+
+    dim: int
+    start: int
+    full_shape: tuple[int, int]
+    group: object = None
+
+
 def build_optimizer(model: torch.nn.Module, structure: ApolloStructure, hyper: ApolloHyper):
-    """A ``RoundingApollo`` over every trainable parameter of ``model``."""
+    """A ``RoundingApollo`` over every trainable parameter of ``model``; on a tensor-parallel
+    rank it knows which projected weights are parts of one (``SplitMatrix``)."""
     projected, plain = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -63,6 +78,11 @@ def build_optimizer(model: torch.nn.Module, structure: ApolloStructure, hyper: A
         disable_nl=structure.norm_growth_limit is None,
     )
     apply_hyper(optimizer, hyper, lr=hyper.lr)
+    layout = getattr(model, "hogwild_tensor_parallel", None)
+    if layout is not None:
+        params = dict(model.named_parameters())
+        optimizer.split = {params[name]: SplitMatrix(dim, start, full, layout.group)
+                           for name, (dim, start, full) in layout.split_matrices.items() if is_projected(name, params[name])}
     return optimizer
 
 
@@ -95,6 +115,7 @@ class RoundingApollo(APOLLOAdamW):
 
     rounding: Rounding = "nearest"
     generator: torch.Generator | None = None
+    split: dict = {}  # parameter -> SplitMatrix, on a tensor-parallel rank
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -118,20 +139,30 @@ class RoundingApollo(APOLLOAdamW):
             # channel- or tensor-wise scaling of the raw gradient they imply.
             if "projector" not in state:
                 state["projector"] = self._initialize_projector(group, state)
-            low = state["projector"].project(grad, state["step"]).float()
+            part = self.split.get(p)
+            if part is not None and isinstance(state["projector"], GradientProjector):
+                low, whole = project_part(state["projector"], grad, state["step"], part), True
+            else:
+                low, whole = state["projector"].project(grad, state["step"]).float(), part is None
+            shape = part.full_shape if part is not None else grad.shape
             exp_avg, exp_avg_sq = self._moments(state, low)
             state["step"] += 1
             exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
             norm_grad = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
-            norm_dim = 0 if grad.shape[0] < grad.shape[1] else 1
+            norm_dim = 0 if shape[0] < shape[1] else 1
             if group["scale_type"] == "channel":
                 factor = torch.norm(norm_grad, dim=norm_dim) / (torch.norm(low, dim=norm_dim) + 1e-8)
                 if norm_dim == 1:
                     factor = factor.unsqueeze(1)
             else:
-                factor = torch.norm(norm_grad) / (torch.norm(low) + 1e-8)
-            front, back = self._scales(state, grad, factor, group["scale"])
+                if whole:
+                    factor = torch.norm(norm_grad) / (torch.norm(low) + 1e-8)
+                else:  # each rank holds a part of the projection
+                    squares = torch.stack([norm_grad.square().sum(), low.square().sum()])
+                    dist.all_reduce(squares, group=part.group)
+                    factor = squares[0].sqrt() / (squares[1].sqrt() + 1e-8)
+            front, back = self._scales(state, grad, factor, group["scale"], part)
         else:
             exp_avg, exp_avg_sq = self._moments(state, grad)
             state["step"] += 1
@@ -166,7 +197,7 @@ class RoundingApollo(APOLLOAdamW):
             state["exp_avg"], state["exp_avg_sq"] = state["exp_avg"].float(), state["exp_avg_sq"].float()
         return state["exp_avg"], state["exp_avg_sq"]
 
-    def _scales(self, state: dict, grad: torch.Tensor, factor: torch.Tensor, scale: float):
+    def _scales(self, state: dict, grad: torch.Tensor, factor: torch.Tensor, scale: float, part: SplitMatrix | None = None):
         """The multipliers of ``grad * factor`` that APOLLOAdamW applies after scaling:
         sqrt(scale) (before or after the limiter) and Fira's norm-growth limiter,
         whose norm is summed chunk by chunk instead of over a full-size temporary."""
@@ -178,6 +209,8 @@ class RoundingApollo(APOLLOAdamW):
         squares = torch.zeros((), dtype=torch.float32, device=grad.device)
         for start, stop in for_each_chunk(grad):
             squares += (_scaled(rows(grad, start, stop).float(), factor, start, stop) * front).square().sum()
+        if part is not None:  # the norm of the whole weight's scaled gradient
+            dist.all_reduce(squares, group=part.group)
         norm = squares.sqrt()
         if "scaled_grad" in state:
             limiter = max(norm / (state["scaled_grad"] + 1e-8), 1.01) / 1.01
@@ -185,6 +218,31 @@ class RoundingApollo(APOLLOAdamW):
             return front / limiter, back
         state["scaled_grad"] = norm
         return front, back
+
+
+def project_part(projector: GradientProjector, grad: torch.Tensor, step: int, part: SplitMatrix) -> torch.Tensor:
+    """APOLLO's random projection of the whole weight's gradient, computed on a part of it:
+    the side and the random matrix are the whole weight's (same seed as at tensor parallel
+    1), this rank uses the matrix's slice along its split; when the projection sums over
+    the split dim, the ranks' partial projections are all-reduced (each rank then holds
+    the whole low-rank gradient), else each holds its rows or columns of it. The update
+    is then exactly the one the whole weight gets at tensor parallel 1."""
+    m, n = part.full_shape
+    side = {"std": "right" if m >= n else "left", "reverse_std": "left" if m >= n else "right"}.get(projector.proj_type,
+                                                                                                projector.proj_type)
+    sums_over_split = (side == "right") == (part.dim == 1)
+    if projector.ortho_matrix is None or step % projector.update_proj_gap == 0:
+        shape_only = torch.zeros((), dtype=torch.float32, device=grad.device).expand(m, n)
+        matrix = projector.get_orthogonal_matrix(shape_only, projector.rank, type=side, seed=projector.seed).to(grad.dtype)
+        projector.seed = next_seed(projector.seed)
+        if sums_over_split:  # keep this rank's slice of it
+            length = grad.shape[part.dim]
+            matrix = matrix[:, part.start : part.start + length] if side == "right" else matrix[part.start : part.start + length]
+        projector.ortho_matrix = matrix.contiguous()
+    low = (grad @ projector.ortho_matrix.t() if side == "right" else projector.ortho_matrix.t() @ grad).float()
+    if sums_over_split:
+        dist.all_reduce(low, group=part.group)
+    return low
 
 
 def _scaled(g: torch.Tensor, factor: torch.Tensor, start: int, stop: int) -> torch.Tensor:

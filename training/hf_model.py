@@ -71,3 +71,9 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     while not hasattr(inner, "layers"):
         inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner.model
     return inner.layers
+
+
+def pad_token_id(config) -> int:
+    """The id batches are padded with: the config's pad token if it is one, else 0."""
+    pad, vocab = getattr(config, "pad_token_id", None), int(config.vocab_size)
+    return int(pad) if isinstance(pad, int) and 0 <= pad < vocab else 0

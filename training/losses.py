@@ -8,7 +8,14 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def continuation_nll(logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[target] of each row: (N, vocab), (N,) -> (N,). A tensor-parallel
+    model's logits are split by vocabulary and come with their own (``tensor_parallel``)."""
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def continuation_nll(logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor,
+                     nll=token_nll) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted mean negative log-likelihood of the labelled tokens.
 
     ``logits``: (batch, seq, vocab) for positions 0..seq-1. ``labels``: (batch, seq),
@@ -16,26 +23,22 @@ def continuation_nll(logits: torch.Tensor, labels: torch.Tensor, token_weights: 
     token at ``t + 1``), ``IGNORE_INDEX`` where no loss applies (context, padding).
     ``token_weights``: (batch, seq), the weight of each labelled token (its sample's
     weight). Returns ``(sum_w * nll / sum_w, sum_w)`` so that micro-batches can be
-    combined exactly: the caller rescales by ``sum_w / total_w``.
+    combined exactly: the caller rescales by ``sum_w / total_w``. ``nll``: ``token_nll``
+    or a tensor-parallel model's.
     """
     mask = labels != IGNORE_INDEX
-    nll = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        labels.clamp_min(0).reshape(-1),
-        reduction="none",
-    ).reshape(labels.shape)
+    nll = nll(logits.reshape(-1, logits.shape[-1]), labels.clamp_min(0).reshape(-1)).reshape(labels.shape)
     w = token_weights.float() * mask
     total_w = w.sum()
     return (nll * w).sum() / total_w.clamp_min(torch.finfo(torch.float32).tiny), total_w
 
 
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, nll=token_nll) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-probability of its labelled tokens, and how many there are.
 
     ``logits``/``labels`` as in ``continuation_nll`` (labels shifted, ``IGNORE_INDEX`` where
     no token counts). Returns ``(sum log p, n_tokens)``, each of shape (batch,).
     """
     mask = labels != IGNORE_INDEX
-    logp = -F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.clamp_min(0).reshape(-1),
-                            reduction="none").reshape(labels.shape)
+    logp = -nll(logits.reshape(-1, logits.shape[-1]), labels.clamp_min(0).reshape(-1)).reshape(labels.shape)
     return (logp * mask).sum(-1), mask.sum(-1)

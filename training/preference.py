@@ -22,9 +22,7 @@ from hogwild.contracts.preference_config import PreferenceOptions
 from .batches import Sample, collate
 from .losses import sequence_logprobs
 from .preference_losses import NEEDS_REFERENCE, PairLoss, dpo_loss, dpop_loss, ipo_loss, metrics, orpo_loss, simpo_loss
-from .sft import SFTTrainer, plan_steps
-
-HISTORY = 512  # per-step numbers kept in the result
+from .sft import HISTORY, SFTTrainer, plan_steps
 
 
 @dataclass(frozen=True)
@@ -91,7 +89,7 @@ class PreferenceTrainer:
         samples = [Sample(p.context_ids, p.chosen_ids) for p in pairs] + [Sample(p.context_ids, p.rejected_ids) for p in pairs]
         batch = collate(samples, self.weights.pad_id).to(self.weights.device)
         logits = self.weights.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        sums, counts = sequence_logprobs(logits, batch.labels)
+        sums, counts = sequence_logprobs(logits, batch.labels, self.weights.token_nll)
         n = len(pairs)
         return sums[:n], sums[n:], counts[:n].float(), counts[n:].float()
 

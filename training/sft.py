@@ -20,9 +20,12 @@ from hogwild.contracts.sft_config import ApolloHyper, ApolloStructure, Rounding,
 
 from .apollo import apply_hyper, build_optimizer, is_projected, optimizer_state_bytes
 from .batches import Sample, collate
-from .losses import continuation_nll
+from .losses import continuation_nll, token_nll
 from .optimizer_state import load_optimizer_state, optimizer_state_to_bytes, read_extra
 from .rounding import default_rounding, rounding_generator, small_update_warning, typical_spacing
+from .tensor_parallel import global_grad_norm, sync_gradients, sync_replicated
+
+HISTORY = 512  # per-step numbers kept in a job's result
 
 
 @dataclass
@@ -45,6 +48,7 @@ class SFTResult:
     rounding: Rounding = "nearest"  # how updates were written into bf16/fp16 weights
     eval_samples: int = 0  # the samples loss_before and loss_after were measured on
     last_step_at: float | None = None  # wall-clock time the last optimizer step ended
+    history: list[dict] = field(default_factory=list)  # per step (the first HISTORY): loss, grad_norm
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +101,9 @@ class SFTTrainer:
         self.hyper: ApolloHyper | None = None
         self.global_step = 0
         self.device = next(model.parameters()).device
+        # A tensor-parallel rank's model (``tensor_parallel.parallelize``): its logits are split by vocabulary.
+        self.tensor_parallel = getattr(model, "hogwild_tensor_parallel", None)
+        self.token_nll = self.tensor_parallel.vocab.nll if self.tensor_parallel else token_nll
         # The smallest change a typical projected weight can hold (None in fp32).
         self.weight_spacing = typical_spacing([p for n, p in model.named_parameters() if is_projected(n, p)])
 
@@ -134,7 +141,7 @@ class SFTTrainer:
         for i in range(0, len(samples), micro_batch_size):
             batch = collate(list(samples[i : i + micro_batch_size]), self.pad_id).to(self.device)
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            loss, w = continuation_nll(logits, batch.labels, batch.token_weights)
+            loss, w = continuation_nll(logits, batch.labels, batch.token_weights, self.token_nll)
             total += float(loss) * float(w)
             weight += float(w)
         return total / weight if weight else float("nan")
@@ -163,6 +170,8 @@ class SFTTrainer:
             if skip_reason is None:
                 result.steps += 1
                 result.tokens += sum(len(s.continuation_ids) for s in batch)
+                if len(result.history) < HISTORY:
+                    result.history.append({"step": self.global_step, "loss": loss, "grad_norm": grad_norm})
             else:
                 result.steps_skipped += 1
                 result.skip_reasons.append(f"step {i}: {skip_reason}")
@@ -197,7 +206,7 @@ class SFTTrainer:
         for i in range(0, len(batch), micro_batch_size):
             mb = collate(batch[i : i + micro_batch_size], self.pad_id).to(self.device)
             logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
-            loss, w = continuation_nll(logits, mb.labels, mb.token_weights)
+            loss, w = continuation_nll(logits, mb.labels, mb.token_weights, self.token_nll)
             yield loss, float(w) / total_w
 
     def step(self, micro_batches: Iterable[tuple[torch.Tensor, float]], options: SFTOptions) -> tuple[float, float | None, str | None]:
@@ -214,14 +223,20 @@ class SFTTrainer:
                 return float(loss.detach()), None, "loss is not finite; step skipped, weights unchanged"
             (loss * share).backward()
             loss_value += float(loss.detach()) * share
-        grads = [p.grad for p in self.params if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads)
+        tp = self.tensor_parallel
+        if tp is not None:
+            sync_gradients(self.model, tp)
+            grad_norm = global_grad_norm(self.model, tp)  # the same on every rank: they skip or clip alike
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return loss_value, float(grad_norm), "gradient is not finite; step skipped, weights unchanged"
         if options.max_grad_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(self.params, options.max_grad_norm, grad_norm)
         self.optimizer.step()
+        if tp is not None:
+            sync_replicated(self.model, tp)
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         return loss_value, float(grad_norm), None

@@ -13,14 +13,34 @@ from typing import TYPE_CHECKING
 
 from hogwild import envs
 from hogwild.contracts.protocol import CheckpointReport, OpError
+from hogwild.contracts.trainer_ranks import SaveOptimizerCommand, WriteTensorsCommand
 
-from .checkpoint import CheckpointError, copy_model_dir, sync, write_state_file
+from .checkpoint import CheckpointError, copy_model_dir, read_layout, sync, write_state_file
+from .rank_group import gather_errors
+from .rank_work import GatheredTensors, optimizer_files
 from .views import served_views
 
 if TYPE_CHECKING:
     from .service import TrainerService
 
 logger = logging.getLogger("hogwild.worker")
+
+
+def sync_weights(service: TrainerService, model, directory: Path) -> dict:
+    """Sync the served weights into ``directory`` by the checkpoint's own names (transformers
+    may fuse what the files keep apart). Under tensor parallelism each split tensor is
+    gathered whole on rank 0 as the sync reaches it, and dropped after."""
+    views = service.manifest.checkpoint_views
+    if service.group is None:
+        return sync(served_views(model.hogwild_served_tensors, views), directory).as_dict()
+    layout = read_layout(directory)
+    names = sorted((v.name for v in views), key=lambda n: str(layout[n].file) if n in layout else "")  # sync's order
+    with service.on_ranks(WriteTensorsCommand(names=names)):
+        gathered = GatheredTensors(service.session, service.manifest, model.hogwild_served_tensors, names)
+        try:
+            return sync(gathered, directory).as_dict()
+        finally:
+            gathered.drain()
 
 
 class Checkpointer:
@@ -47,13 +67,18 @@ class Checkpointer:
             try:
                 if not (directory / "config.json").exists():
                     copy_model_dir(source, directory)
-                # By the checkpoint's own names (transformers may fuse what the files keep apart).
-                report = sync(served_views(model.hogwild_served_tensors, service.manifest.checkpoint_views), directory).as_dict()
+                report = sync_weights(service, model, directory)
                 state = service.trainer.save_state()
                 ledger = service.ledger
                 files = {"ledger.jsonl": ledger.path.read_bytes() if ledger.path.exists() else b"", **service.heads.files()}
                 if state is not None:
-                    files.update({"optimizer.safetensors": state[0], "optimizer.json": state[1]})
+                    files.update(zip(optimizer_files(service.manifest.tensor_parallel_rank, service.manifest.tensor_parallel_size), state))
+                if state is not None and service.group is not None:
+                    with service.on_ranks(SaveOptimizerCommand(directory=str(directory))):
+                        # The other ranks write their shards' state beside rank 0's, and say whether they could.
+                        failed = [e for e in gather_errors(None, service.group.device)[1:] if e]
+                    if failed:
+                        raise OSError(failed[0])
                 for name, data in files.items():
                     write_state_file(directory, name, data)
             except CheckpointError as exc:

@@ -11,12 +11,14 @@ ledger, events) is done here once.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -40,6 +42,8 @@ from hogwild.contracts.protocol import (
     TokenLogprobs,
     TokenLogprobsOp,
 )
+from hogwild.contracts.trainer_ranks import RANK_DIED_EXIT, LogprobsCommand, RankEnvelope, StopCommand, TrainCommand
+from hogwild.training.hf_model import pad_token_id
 from hogwild.training.memory import available_memory
 from hogwild.training.sft import SFTTrainer
 
@@ -53,6 +57,8 @@ from .ledger import Ledger
 from .model_access import ModelAccess
 from .parity import compare, first_differing_tensor, probe_ids
 from .process_memory import release_free_heap
+from .rank_group import RankGroup, agree, gather_bindings, gather_errors, group_device
+from .rank_work import optimizer_files, token_logprobs
 from .reward_heads import HeadBook
 from .status import trainer_status
 from .views import Binding, UnsupportedModel, bind
@@ -83,6 +89,7 @@ class TrainerService:
         self.optimizer_state_bytes = 0
         # What this trainer process has trained, for metrics (``status.totals``).
         self.trained = {"tokens_trained": 0, "optimizer_steps": 0, "last_loss": None, "last_step_at": None}
+        self.group: RankGroup | None = None  # the other tensor-parallel ranks, when vLLM serves with TP > 1
         self.heads = HeadBook()
         # Circuit-breaker adapters merged into the served weights, kept so that they
         # can be reverted exactly; in the session directory, so a restarted trainer has them.
@@ -124,17 +131,30 @@ class TrainerService:
                 time.sleep(0.2)
             except ValueError as exc:
                 return self._fail("failed", str(exc))
+        if self.manifest.tensor_parallel_size > 1 and not self.manifest.unsupported:
+            self.group = RankGroup(self.session, self.state_dir, self.trainer_id, self.manifest.tensor_parallel_size,
+                                   torch.get_num_threads(), group_device(self.manifest))
+        failure = None
         try:
             model, self.bound = bind(self.manifest)
         except UnsupportedModel as exc:
-            return self._fail("unsupported", str(exc))
+            failure = ("unsupported", str(exc))
         except Exception as exc:
             logger.exception("building the view model failed")
-            return self._fail("failed", f"could not build the training model: {type(exc).__name__}: {exc}")
+            failure = ("failed", f"could not build the training model: {type(exc).__name__}: {exc}")
+        if self.group is not None:
+            others = [e for e in gather_errors(failure and failure[1], self.group.device)[1:] if e]
+            failure = failure or (("unsupported", others[0]) if others else None)
+            if failure:
+                self.group.close(RankEnvelope(command=StopCommand()))
+                self.group = None
+            else:
+                self.group.ranks = gather_bindings(os.getpid(), self.bound, self.group.device)
+        if failure:
+            return self._fail(*failure)
         self.access = ModelAccess(model)
         self.vocab_size = int(model.config.vocab_size)
-        pad = getattr(model.config, "pad_token_id", None)
-        self.pad_id = int(pad) if isinstance(pad, int) and 0 <= pad < self.vocab_size else 0
+        self.pad_id = pad_token_id(model.config)
         self.trainer = SFTTrainer(model, pad_id=self.pad_id)
         self._restore()
         self.parity = ParityReport(state="pending", probe_ids=probe_ids(self.vocab_size))
@@ -145,12 +165,13 @@ class TrainerService:
     def _restore(self) -> None:
         """Bring back what the last checkpoint of the served directory saved."""
         saved = self.model_dir() / STATE_DIRNAME
+        optimizer_tensors, optimizer_meta = optimizer_files(self.manifest.tensor_parallel_rank, self.manifest.tensor_parallel_size)
         self.ledger = Ledger.open(self.state_dir / "ledger.jsonl", str(self.session), saved / "ledger.jsonl")
         restored = {"from": str(saved) if saved.is_dir() else None, "ledger_ids": len(self.ledger), "optimizer_step": None,
                     **self.heads.restore(saved)}
-        if (saved / "optimizer.json").exists():
+        if (saved / optimizer_meta).exists():  # under TP each rank restores its own shard's (``follower``)
             try:
-                self.trainer.restore_state((saved / "optimizer.safetensors").read_bytes(), (saved / "optimizer.json").read_bytes())
+                self.trainer.restore_state((saved / optimizer_tensors).read_bytes(), (saved / optimizer_meta).read_bytes())
                 restored["optimizer_step"] = self.trainer.global_step
                 self.optimizer_state_bytes = self.trainer.optimizer_bytes()
             except (OSError, ValueError, KeyError) as exc:
@@ -253,6 +274,9 @@ class TrainerService:
         """Admit a job request (its kind's checks, then the shared ones) and queue it."""
         kind = kind_of(op)
         self._require_ready()
+        if self.group is not None and not kind.tensor_parallel:
+            raise OpError("unsupported", f"{op.mode} training with tensor parallel size {self.group.size} is not supported "
+                          "yet (sft and preference are): serve with tensor parallel size 1 for it")
         self.check_token_ids(op.token_lists())
         admission = kind.admit(self, op)
         self.check_memory(kind, op)
@@ -265,6 +289,8 @@ class TrainerService:
 
     def head_scores(self, op: HeadScoresOp):
         self._require_ready()
+        if self.group is not None:
+            raise OpError("unsupported", f"reward-head scoring with tensor parallel size {self.group.size} is not supported yet")
         self.check_token_ids([("token_ids", op.token_ids)])
         return self.heads.scores(self.access, op)
 
@@ -274,10 +300,35 @@ class TrainerService:
 
     def _logprobs(self, token_ids: list[int]) -> list[float]:
         """log P(token_ids[p] | token_ids[:p]) for p >= 1, from the trainer's model."""
-        with self.access.exclusive() as model, torch.no_grad():
-            ids = torch.tensor([token_ids], device=self.access.device())
-            logprobs = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], dim=-1)
-            return logprobs.gather(1, ids[0, 1:, None])[:, 0].tolist()
+        with self.access.exclusive() as model, self.on_ranks(LogprobsCommand(token_ids=token_ids)):
+            return token_logprobs(model, self.trainer.token_nll, token_ids)
+
+    @contextmanager
+    def on_ranks(self, command) -> Iterator[None]:
+        """Under tensor parallelism: every rank runs the block's model work with this one
+        (``command`` tells them what). Alone: nothing to tell."""
+        with self.group.command(RankEnvelope(command=command)) if self.group is not None else nullcontext():
+            yield
+
+    def train_on_ranks(self, kind, request, items: list, on_step, should_stop):
+        """``kind.train`` on ``items`` (the admitted samples of ``request``), on every rank;
+        the caller holds the model. A failure other than the job's own refusal leaves the
+        ranks out of step: the trainer then restarts them once the job is reported."""
+        if self.group is None:
+            return kind.train(self, items, request.options, on_step=on_step, should_stop=should_stop)
+        with self.on_ranks(TrainCommand(request=request)):
+            try:
+                return kind.train(self, items, request.options, on_step=on_step,
+                                  should_stop=lambda: agree(should_stop(), self.group.device))
+            except OpError:
+                raise
+            except Exception:
+                self.group.broken = True
+                dead = self.group.death()
+                if dead is not None:
+                    raise OpError("unavailable", f"{dead}; the job stopped after its last completed step (those steps stay "
+                                  "applied) and the trainer ranks restart") from None
+                raise
 
     def cancel(self, job_id: str) -> JobInfo:
         info = self.jobs.cancel(job_id)
@@ -338,5 +389,9 @@ class TrainerService:
         self.jobs.end(job)  # counted and journaled before the event: the metrics show it to whoever hears it ended
         self.send(None, Event(event="job_finished", trainer_id=self.trainer_id, job=info, weights_version=self.weights_version,
                               weights_changed=self.weights_version != version_before, trainer_idle=self.jobs.idle()))
+        if self.group is not None and self.group.broken:
+            logger.error("a job failed midway on the tensor-parallel ranks; restarting them")
+            time.sleep(0.5)  # the event out first
+            os._exit(RANK_DIED_EXIT)
 
 

@@ -38,4 +38,5 @@ def trainer_status(service: TrainerService) -> TrainerStatus:
         vision_tower=bound.vision_tower, queue=queued, running=running, recent=recent, max_queued_jobs=service.jobs.max_queued,
         weights_version=service.weights_version, ledger_size=len(service.ledger) if service.ledger else 0,
         heads=service.heads.info, adapters=service.adapters.history(), checkpoint=service.checkpointer.status(),
-        optimizer=optimizer, memory=memory, totals=service.totals())
+        optimizer=optimizer, memory=memory, totals=service.totals(),
+        tensor_parallel={"size": service.group.size, "ranks": service.group.ranks} if service.group else {"size": 1})

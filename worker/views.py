@@ -47,13 +47,23 @@ def _open_cuda_ipc(entry) -> torch.Tensor:
     return _rebuild_tensor(typed, ipc.tensor_offset, tuple(entry.shape), tuple(ipc.stride))
 
 
-def _set_parameter(model: torch.nn.Module, names: list[str], value: torch.Tensor, requires_grad: bool = True) -> None:
-    """Make ``value`` the parameter under each of ``names`` (several when tied)."""
+def held_shape(shape, shard) -> tuple[int, ...]:
+    """The shape of the part of a tensor a tensor-parallel rank holds (``HFView.shard``)."""
+    held = list(shape)
+    for dim, _, length, *blocks in shard:
+        held[dim] = length * (blocks[0] if blocks else 1)
+    return tuple(held)
+
+
+def _set_parameter(model: torch.nn.Module, names: list[str], value: torch.Tensor, requires_grad: bool = True,
+                   shard=()) -> None:
+    """Make ``value`` the parameter under each of ``names`` (several when tied); ``shard``:
+    the part of the parameter it is (a tensor-parallel rank)."""
     parameter = None
     for name in names:
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
-        expected = module._parameters[leaf].shape
+        expected = held_shape(module._parameters[leaf].shape, shard)
         if tuple(expected) != tuple(value.shape):
             raise UnsupportedModel(f"{name}: the served tensor has shape {tuple(value.shape)}, transformers expects {tuple(expected)}")
         if parameter is None:
@@ -119,10 +129,11 @@ def bind_views(model: torch.nn.Module, manifest: Manifest, model_dir: str | Path
     model.hogwild_served_tensors = tensors
     model.hogwild_served_storages = {t.untyped_storage().data_ptr() for t in tensors.values()}
     aliases = _aliases(model)
+    shards = {view.name: view.shard for view in manifest.views}
     for name, value in served_views(tensors, manifest.views).items():
         if name not in aliases:
             raise UnsupportedModel(f"the served weights map {name}, which {type(model).__name__} does not have")
-        _set_parameter(model, aliases[name], value)
+        _set_parameter(model, aliases[name], value, shard=shards[name])
     frozen = {}
     directory = Path(model_dir or manifest.model)
     for name, reason in manifest.not_views.items():
@@ -159,16 +170,30 @@ class Binding:
     binding_private_bytes: int | None = None  # private memory spent binding: ~0 with views, the model's size with a copy
 
 
-def bind(manifest: Manifest) -> tuple[torch.nn.Module, Binding]:
-    """The view model for the published weights, and what binding them cost."""
+def bind(manifest: Manifest, group=None) -> tuple[torch.nn.Module, Binding]:
+    """The view model for the published weights, and what binding them cost. Under tensor
+    parallelism (``group``: the trainer ranks') this rank's shard, run as one model with the others."""
     from hogwild.training.hf_model import is_vision_language
 
     from .process_memory import memory_snapshot, release_free_heap
 
     model = model_skeleton(manifest)
+    if manifest.tensor_parallel_size > 1 and manifest.not_views:
+        name, reason = next(iter(manifest.not_views.items()))
+        raise UnsupportedModel(f"training with tensor parallel size {manifest.tensor_parallel_size} needs every weight to "
+                               f"be a view of a rank's shard; {name} is not ({reason}): serve with tensor parallel size 1 to train")
+    full_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     release_free_heap()
     before = memory_snapshot()
     frozen = bind_views(model, manifest)
+    if manifest.tensor_parallel_size > 1:
+        from hogwild.training.tensor_parallel import parallelize
+
+        try:
+            parallelize(model, {v.name: v.shard for v in manifest.views}, full_shapes, manifest.tensor_parallel_rank,
+                        manifest.tensor_parallel_size, group)
+        except ValueError as exc:
+            raise UnsupportedModel(f"training with tensor parallel: {exc}") from None
     release_free_heap()
     after = memory_snapshot()
     vision = "not trained: the trainer builds the language model only" if is_vision_language(manifest.model) else None

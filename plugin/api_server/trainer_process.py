@@ -11,11 +11,12 @@ import asyncio
 import fcntl
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from hogwild.contracts.trainer_ranks import RANK_DIED_EXIT, how_it_ended
 
 from ..session import lock_path
 
@@ -23,13 +24,9 @@ logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers 
 
 
 def exit_reason(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"the training process was killed by {name}"
-    return f"the training process exited with code {returncode}"
+    if returncode == RANK_DIED_EXIT:
+        return "a tensor-parallel trainer rank died or the ranks fell out of step: the trainer and its ranks were restarted"
+    return f"the training process {how_it_ended(returncode)}"
 
 
 class TrainerProcess:

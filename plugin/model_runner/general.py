@@ -61,10 +61,10 @@ def _publishing() -> bool:
     vLLM's fast packed path stays. Tensor-parallel ranks publish their shards."""
     from vllm.config import get_current_vllm_config
 
-    from ..trainability import unpublishable_reason
+    from ..trainability import unsupported_reason
 
     try:
-        return unpublishable_reason(get_current_vllm_config()) is None
+        return unsupported_reason(get_current_vllm_config()) is None
     except Exception:
         return True
 

@@ -29,7 +29,7 @@ from hogwild.contracts.manifest import (
 )
 from hogwild.training.hf_model import UnsupportedModel
 
-from ..trainability import unpublishable_reason, unsupported_reason
+from ..trainability import unsupported_reason
 from .vllm_internals import installed_version_problem
 
 logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
@@ -137,7 +137,7 @@ def publish(model: torch.nn.Module, vllm_config, session: Path) -> Manifest:
     """Export the weights (or the reason they cannot be) and write the manifest.
 
     Under tensor parallelism each rank exports its own shard under its rank's names,
-    and rank 0 writes ``manifest.json`` with the reason training is off."""
+    and rank 0's manifest is also ``manifest.json``, which the trainer reads first."""
     import vllm
 
     model_config = vllm_config.model_config
@@ -157,18 +157,16 @@ def publish(model: torch.nn.Module, vllm_config, session: Path) -> Manifest:
         tensor_parallel_size=tp,
     )
     vllm_problem = installed_version_problem()
-    untrainable = unsupported_reason(vllm_config) or vllm_problem
-    reason = unpublishable_reason(vllm_config) or vllm_problem
+    reason = unsupported_reason(vllm_config) or vllm_problem
     manifest = Manifest(backend="none", unsupported=reason, **base)
     if reason is None:
         try:
             views = hf_views(model, Path(str(model_config.model)), model_config.dtype, shards=tp > 1)  # before the weights move
             if vllm_config.device_config.device.type == "cuda":
-                manifest = Manifest(backend="cuda_ipc", tensors=export_cuda(model), unsupported=untrainable, **views, **base)
+                manifest = Manifest(backend="cuda_ipc", tensors=export_cuda(model), **views, **base)
             else:
                 entries, path, total = export_cpu(model, session, rank_arena_name(rank) if tp > 1 else ARENA_NAME)
-                manifest = Manifest(backend="cpu_shm", arena=path, arena_bytes=total, tensors=entries, unsupported=untrainable,
-                                    **views, **base)
+                manifest = Manifest(backend="cpu_shm", arena=path, arena_bytes=total, tensors=entries, **views, **base)
         except UnsupportedModel as exc:
             manifest = Manifest(backend="none", unsupported=str(exc), **base)
         except Exception as exc:  # inference must keep working whatever happens here
@@ -176,8 +174,8 @@ def publish(model: torch.nn.Module, vllm_config, session: Path) -> Manifest:
             manifest = Manifest(backend="none", unsupported=f"weights could not be published: {exc}", **base)
     if tp > 1:
         write_manifest(manifest, session, rank_manifest_name(rank))
-        if rank == 0:  # what the trainer reads: why it cannot train here
-            write_manifest(Manifest(backend="none", unsupported=manifest.unsupported, **base), session, MANIFEST_NAME)
+        if rank == 0:  # what the trainer (rank 0) reads first; it starts the other ranks
+            write_manifest(manifest, session, MANIFEST_NAME)
     else:
         write_manifest(manifest, session)
     logger.info("hogwild: published %d tensors (%s, tensor parallel rank %d of %d) in %s",

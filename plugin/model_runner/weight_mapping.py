@@ -34,9 +34,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
+from .view_solver import NotAView, Piece, solve_view
 from .vllm_internals import dry_run_parts, install_recording_stamps, restore_after_dry_run
 
 FakeRDTTensor, BakeSink, LAYERWISE_INFO, initialize_layerwise_reload = dry_run_parts()
@@ -51,19 +51,9 @@ class View:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     # Under tensor parallelism, the part of the HF tensor this rank holds, as (dim, start,
-    # length) for each split dim: the view is ``hf.narrow(dim, start, length)...``. Empty: whole.
-    shard: tuple[tuple[int, int, int], ...] = ()
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One recorded copy: ``chain(hf_tensor)`` lands on ``param.as_strided(shape, stride, offset)``."""
-
-    tensor: str
-    chain: tuple
-    offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
+    # length) for each split dim: the view is ``hf.narrow(dim, start, length)...``; (dim,
+    # start, length, k): that part of each of k equal blocks along dim, stacked. Empty: whole.
+    shard: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass
@@ -175,123 +165,6 @@ def _load_fakes(model: torch.nn.Module, pairs: list[tuple[str, ViewFake]], sink:
                 del records[before.get(layer, 0):]
             sink.current = None
     return errors or {"<all>": f"load_weights failed on all names together, not one by one: {first}"}
-
-
-# ---- geometry
-
-
-class NotAView(Exception):
-    pass
-
-
-def _replay(t: torch.Tensor, chain, base: torch.Tensor) -> torch.Tensor:
-    """``chain`` applied to ``t`` (a meta view of ``base``); every step must stay a view."""
-    for op, args, kwargs in chain:
-        if op == "contiguous":
-            continue  # same values in the same logical order
-        t = getattr(t, op)(*args, **dict(kwargs))
-        if isinstance(t, (tuple, list)):
-            continue  # a multi-output op: the next step is its __getitem__
-        if not (t._is_view() and t._base is base):
-            raise NotAView(f"{op}{args} makes a copy")
-    return t
-
-
-def _contiguous_strides(shape) -> tuple[int, ...]:
-    strides, size = [], 1
-    for n in reversed(shape):
-        strides.append(size)
-        size *= max(int(n), 1)
-    return tuple(reversed(strides))
-
-
-def _digits(target: int, sizes, strides) -> list[int] | None:
-    """``target`` as sum(q_i * strides_i) with 0 <= q_i < sizes_i (largest strides first), or None."""
-    q = [0] * len(sizes)
-    for i in sorted((i for i in range(len(sizes)) if sizes[i] > 1 and strides[i] > 0), key=lambda i: -strides[i]):
-        q[i] = min(target // strides[i], sizes[i] - 1)
-        target -= q[i] * strides[i]
-    return q if target == 0 else None
-
-
-def _unravel(position: int, shape, strides) -> list[int]:
-    return [(position // strides[d]) % shape[d] if shape[d] > 0 else 0 for d in range(len(shape))]
-
-
-def solve_view(shape, dtype, pieces: list[Piece], param_numel: int,
-               shards: bool = False) -> tuple[int, tuple[int, ...], tuple[tuple[int, int, int], ...]]:
-    """(offset, stride, shard) of the one strided view of the parameter that, pushed
-    through each piece's chain, lands exactly on that piece's region; raises ``NotAView``.
-
-    Each chain is replayed on a contiguous meta tensor of the HF shape to learn which
-    HF indices the piece holds; the strides of the HF dims follow from the piece's
-    region (or, for a dim no piece spans, e.g. experts stacked from per-expert
-    copies, from the pieces' positions); then every piece is checked by replaying
-    its chain on the solved view of a meta parameter. The pieces must cover the
-    whole HF tensor, or, with ``shards`` (a tensor-parallel rank), a box of it: then
-    ``shard`` says which part ((dim, start, length) per split dim) and the view is of
-    that part only."""
-    nd, c = len(shape), _contiguous_strides(shape)
-    source = torch.empty(max(math.prod(shape), 1), dtype=dtype, device="meta")
-    strides: list[int | None] = [None] * nd
-    references = []  # (HF index of the piece's first element, its position in the parameter)
-    low, high = list(shape), [-1] * nd  # the box of HF indices the pieces hold
-    covered = 0
-    for p in pieces:
-        y = _replay(source.as_strided(shape, c, 0), p.chain, source)
-        if tuple(y.shape) != p.shape:
-            y = y.broadcast_to(p.shape)
-        first = _unravel(y.storage_offset(), shape, c)
-        last = _unravel(y.storage_offset() + sum((n - 1) * s for n, s in zip(y.shape, y.stride())), shape, c)
-        low, high = [min(a, b) for a, b in zip(low, first)], [max(a, b) for a, b in zip(high, last)]
-        references.append((first, p.offset))
-        covered += math.prod(p.shape)
-        for d in range(nd):
-            if shape[d] <= 1 or first[d] + 1 >= shape[d]:
-                continue
-            q = _digits(c[d], p.shape, y.stride())
-            if q is None:
-                continue
-            s = sum(qi * si for qi, si in zip(q, p.stride))
-            if strides[d] is not None and strides[d] != s:
-                raise NotAView(f"dim {d}: the pieces disagree on its stride ({strides[d]} vs {s})")
-            strides[d] = s
-    box = tuple(h - lo + 1 for lo, h in zip(low, high))
-    if covered != math.prod(shape) and not shards:
-        raise NotAView(f"the copies cover {covered} of its {math.prod(shape)} elements")
-    if covered != math.prod(box):
-        raise NotAView(f"the copies ({covered} elements) do not cover one box of the tensor")
-    unknown = [d for d in range(nd) if strides[d] is None and box[d] > 1]
-    if unknown:
-        rows = [[1.0] + [float(first[d]) for d in unknown] for first, _ in references]
-        rhs = [float(pos - sum(first[d] * strides[d] for d in range(nd) if strides[d] is not None)) for first, pos in references]
-        solution = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)[0]
-        for k, d in enumerate(unknown):
-            strides[d] = int(round(solution[k + 1]))
-    for d in range(nd - 1, -1, -1):  # extent-1 dims: any stride works, take the contiguous one
-        if strides[d] is None:
-            strides[d] = strides[d + 1] * shape[d + 1] if d + 1 < nd else 1
-    if any(s < 0 for s in strides):
-        raise NotAView(f"negative stride {strides}")
-    first, position = references[0]
-    offset = position - sum(i * s for i, s in zip(first, strides))  # of the whole tensor's first element
-    box_offset = offset + sum(i * s for i, s in zip(low, strides))
-    last = box_offset + sum((n - 1) * s for n, s in zip(box, strides))
-    if box_offset < 0 or last >= param_numel:
-        raise NotAView(f"the view (offset {box_offset}, stride {strides}) falls outside the parameter")
-    # The whole tensor's view, on a meta parameter shifted so that it fits when only a shard is here.
-    shift = max(0, -offset)
-    extent = offset + sum((n - 1) * s for n, s in zip(shape, strides)) + 1
-    base = torch.empty(max(param_numel, extent) + shift, dtype=dtype, device="meta")
-    view = base.as_strided(shape, strides, offset + shift)
-    for p in pieces:
-        y = _replay(view, p.chain, base)
-        if tuple(y.shape) != p.shape:
-            y = y.broadcast_to(p.shape)
-        if y.storage_offset() - shift != p.offset or any(n > 1 and a != b for n, a, b in zip(p.shape, y.stride(), p.stride)):
-            raise NotAView(f"no single strided view reproduces the copy {p.chain} -> (offset {p.offset}, stride {p.stride})")
-    shard = tuple((d, lo, n) for d, (lo, n, whole) in enumerate(zip(low, box, shape)) if n != whole)
-    return box_offset, tuple(strides), shard
 
 
 # ---- what process_weights_after_loading did
@@ -426,8 +299,8 @@ def derive_mapping(vllm_model: torch.nn.Module, names_and_shapes: Iterable[tuple
             result.not_views[name] = str(exc)
             continue
         held = list(shape)
-        for d, _, n in shard:
-            held[d] = n
+        for d, _, n, *blocks in shard:
+            held[d] = n * (blocks[0] if blocks else 1)
         result.views[name] = View(target, offset, tuple(held), stride, shard)
 
     for name, t in [*vllm_model.named_parameters(), *vllm_model.named_buffers()]:

@@ -37,6 +37,7 @@ class JobKind:
     """
 
     request: ClassVar[type[JobRequestBase]]
+    tensor_parallel: ClassVar[bool] = False  # runs on every tensor-parallel rank (``TrainerService.train_on_ranks``)
 
     def admit(self, service: TrainerService, op) -> Admission:
         return Admission(n_samples=op.sample_count())

@@ -36,6 +36,7 @@ class SFT(JobKind):
 
     request = SubmitOp
     noun = "sample"
+    tensor_parallel = True
 
     def admit(self, service, op: SubmitOp) -> Admission:
         _, skipped = unseen(op.samples, service.ledger)
@@ -72,7 +73,8 @@ class SFT(JobKind):
 
         try:
             with service.access.exclusive():
-                result = self.train(service, items, job.op.options, on_step=on_step, should_stop=lambda: job.cancel_requested)
+                result = service.train_on_ranks(self, job.op.model_copy(update={"samples": chosen}), items, on_step=on_step,
+                                                should_stop=lambda: job.cancel_requested)
         except OpError as exc:
             return "failed", str(exc)
         except Exception as exc:

@@ -8,6 +8,7 @@ run the server exactly the way a user does: the ``vllm`` command, with
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -97,14 +98,24 @@ class VllmServer:
         raise TimeoutError(f"the trainer did not start: {status}")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._remove_vllm_channels()
+
+    def _remove_vllm_channels(self) -> None:
+        """vLLM's CPU tensor-parallel workers leave their shared-memory channels behind when
+        stopped (4 MiB per rank in /dev/shm, and a rendezvous file in /tmp, at every start):
+        remove this server's, which its log names."""
+        if not self.log_path or not self.log_path.exists():
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        for key in set(re.findall(r"file:///tmp/(vllm_dist_[0-9a-f]+)", self.log_path.read_text(errors="replace"))):
+            for path in [Path("/tmp") / key, *Path("/dev/shm").glob(f"{key}-*")]:
+                path.unlink(missing_ok=True)
 
     def _log_tail(self, lines: int = 40) -> str:
         if not self.log_path or not self.log_path.exists():

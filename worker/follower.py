@@ -45,8 +45,8 @@ class Follower:
     def restore_optimizer(self, checkpoint: Path) -> None:
         from hogwild.worker.checkpoint import STATE_DIRNAME
 
-        tensors, meta = (checkpoint / STATE_DIRNAME / name for name in optimizer_files(self.manifest.tensor_parallel_rank,
-                                                                      self.manifest.tensor_parallel_size))
+        rank, size = self.manifest.tensor_parallel_rank, self.manifest.tensor_parallel_size
+        tensors, meta = (checkpoint / STATE_DIRNAME / name for name in optimizer_files(rank, size))
         if meta.exists():
             try:
                 self.trainer.restore_state(tensors.read_bytes(), meta.read_bytes())

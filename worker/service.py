@@ -316,19 +316,19 @@ class TrainerService:
         ranks out of step: the trainer then restarts them once the job is reported."""
         if self.group is None:
             return kind.train(self, items, request.options, on_step=on_step, should_stop=should_stop)
-        with self.on_ranks(TrainCommand(request=request)):
-            try:
+        try:
+            with self.on_ranks(TrainCommand(request=request)):
                 return kind.train(self, items, request.options, on_step=on_step,
                                   should_stop=lambda: agree(should_stop(), self.group.device))
-            except OpError:
-                raise
-            except Exception:
-                self.group.broken = True
-                dead = self.group.death()
-                if dead is not None:
-                    raise OpError("unavailable", f"{dead}; the job stopped after its last completed step (those steps stay "
-                                  "applied) and the trainer ranks restart") from None
-                raise
+        except OpError:
+            raise
+        except Exception:  # the command's broadcast included: a rank may die before the first step
+            self.group.broken = True
+            dead = self.group.death()
+            if dead is not None:
+                raise OpError("unavailable", f"{dead}; the job stopped after its last completed step (those steps stay "
+                              "applied) and the trainer ranks restart") from None
+            raise
 
     def cancel(self, job_id: str) -> JobInfo:
         info = self.jobs.cancel(job_id)

@@ -86,7 +86,6 @@ def rank_main(rank: int, store: str, out: str) -> None:
 
 
 def test_two_ranks_compute_what_the_whole_model_computes(tmp_path):
-    mp.get_context("spawn")
     mp.spawn(rank_main, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
 

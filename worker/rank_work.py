@@ -66,14 +66,8 @@ class GatheredTensors:
         self.names = list(names)
         self.next = 0
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.views[0]
-
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         while self.names[self.next] != name:  # skipped by the reader: the sends still have to be taken

@@ -22,7 +22,7 @@ from hogwild.contracts.trainer_ranks import LogprobsCommand, SaveOptimizerComman
 
 from .__main__ import exit_with_parent
 from .rank_group import agree, gather_bindings, gather_errors, group_device, join_group, receive_command
-from .rank_work import optimizer_files, send_parts, token_logprobs
+from .rank_work import optimizer_files, restore_optimizer, send_parts, token_logprobs
 
 logger = logging.getLogger("hogwild.worker")
 
@@ -40,18 +40,12 @@ class Follower:
         self.model, self.bound = bind(manifest)
         self.trainer = SFTTrainer(self.model, pad_id=pad_token_id(self.model.config))
         self.device = self.trainer.device
-        self.restore_optimizer(Path(manifest.model))
-
-    def restore_optimizer(self, checkpoint: Path) -> None:
         from hogwild.worker.checkpoint import STATE_DIRNAME
 
-        rank, size = self.manifest.tensor_parallel_rank, self.manifest.tensor_parallel_size
-        tensors, meta = (checkpoint / STATE_DIRNAME / name for name in optimizer_files(rank, size))
-        if meta.exists():
-            try:
-                self.trainer.restore_state(tensors.read_bytes(), meta.read_bytes())
-            except (OSError, ValueError, KeyError) as exc:
-                logger.warning("rank %d: the saved optimizer state was not restored: %s", self.manifest.tensor_parallel_rank, exc)
+        error = restore_optimizer(self.trainer, Path(manifest.model) / STATE_DIRNAME,
+                                  manifest.tensor_parallel_rank, manifest.tensor_parallel_size)
+        if error:
+            logger.warning("rank %d: %s", manifest.tensor_parallel_rank, error)
 
     def run(self, command) -> bool:
         """Run one command; False when it says stop."""

@@ -31,6 +31,20 @@ def optimizer_files(rank: int, size: int) -> tuple[str, str]:
     return f"optimizer.tp{size}.rank{rank}.safetensors", f"optimizer.tp{size}.rank{rank}.json"
 
 
+def restore_optimizer(trainer, state_dir: Path, rank: int, size: int) -> str | None:
+    """Rebuild ``trainer``'s optimizer from this rank's files in a checkpoint's state
+    directory, when it saved one. Returns why the saved state was not restored (unreadable,
+    or not this model's), else None; the optimizer is then left as it was."""
+    tensors, meta = (state_dir / name for name in optimizer_files(rank, size))
+    if not meta.exists():
+        return None
+    try:
+        trainer.restore_state(tensors.read_bytes(), meta.read_bytes())
+    except (OSError, ValueError, KeyError) as exc:
+        return f"the saved optimizer state was not restored: {exc}"
+    return None
+
+
 def _place(full: torch.Tensor, shard, part: torch.Tensor) -> None:
     """Write one rank's ``part`` where ``shard`` says it lies in ``full``."""
     target = full

@@ -58,7 +58,7 @@ from .model_access import ModelAccess
 from .parity import compare, first_differing_tensor, probe_ids
 from .process_memory import release_free_heap
 from .rank_group import RankGroup, agree, gather_bindings, gather_errors, group_device
-from .rank_work import optimizer_files, token_logprobs
+from .rank_work import restore_optimizer, token_logprobs
 from .reward_heads import HeadBook
 from .status import trainer_status
 from .views import Binding, UnsupportedModel, bind
@@ -165,18 +165,17 @@ class TrainerService:
     def _restore(self) -> None:
         """Bring back what the last checkpoint of the served directory saved."""
         saved = self.model_dir() / STATE_DIRNAME
-        optimizer_tensors, optimizer_meta = optimizer_files(self.manifest.tensor_parallel_rank, self.manifest.tensor_parallel_size)
         self.ledger = Ledger.open(self.state_dir / "ledger.jsonl", str(self.session), saved / "ledger.jsonl")
         restored = {"from": str(saved) if saved.is_dir() else None, "ledger_ids": len(self.ledger), "optimizer_step": None,
                     **self.heads.restore(saved)}
-        if (saved / optimizer_meta).exists():  # under TP each rank restores its own shard's (``follower``)
-            try:
-                self.trainer.restore_state((saved / optimizer_tensors).read_bytes(), (saved / optimizer_meta).read_bytes())
-                restored["optimizer_step"] = self.trainer.global_step
-                self.optimizer_state_bytes = self.trainer.optimizer_bytes()
-            except (OSError, ValueError, KeyError) as exc:
-                restored["optimizer_error"] = f"the saved optimizer state was not restored: {exc}"
-                logger.warning(restored["optimizer_error"])
+        # Under TP each rank restores its own shard's optimizer (``follower`` for the others).
+        error = restore_optimizer(self.trainer, saved, self.manifest.tensor_parallel_rank, self.manifest.tensor_parallel_size)
+        if error:
+            restored["optimizer_error"] = error
+            logger.warning(error)
+        elif self.trainer.optimizer is not None:
+            restored["optimizer_step"] = self.trainer.global_step
+            self.optimizer_state_bytes = self.trainer.optimizer_bytes()
         self.checkpointer.restored = restored
 
     def verify_parity(self, op: ParityOp) -> ParityReport:

@@ -114,10 +114,14 @@ class Demo:
         r = self.http.post("/train", json={"samples": [{"context_ids": ctx, "continuation_ids": target, "id": "demo-1"}],
                                            "lr": 1e-2, "steps": 40, "wait": True})
         r.raise_for_status()
+        answered = time.time()
         job = r.json()
         res = job["result"]
         self.note(f"    job {job['job_id']} {job['state']} in {time.monotonic() - t:.1f} s: {res['steps']} steps, "
                   f"loss {res['loss_before']:.3f} -> {res['loss_after']:.4f}, {res['tokens_per_s']:.0f} tokens/s")
+        self.note(f"    answered {1000 * (answered - res['last_step_at']):.0f} ms after the last step, "
+                  f"{1000 * (job['finished_at'] - res['last_step_at']):.0f} ms of them measuring loss_after "
+                  "(`eval_tokens: 0` skips it), pushed by the trainer's job_finished event")
         self.note()
 
         self.note("## 6. The very next completion, same server, no restart")

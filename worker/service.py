@@ -87,6 +87,7 @@ class TrainerService:
         self.memory_limit = envs.trainer_memory_limit()
         self.weights_version = 0
         self.optimizer_state_bytes = 0
+        self.heap_held = False  # a job's freed memory not yet handed back to the OS
         # What this trainer process has trained, for metrics (``status.totals``).
         self.trained = {"tokens_trained": 0, "optimizer_steps": 0, "last_loss": None, "last_step_at": None}
         self.group: RankGroup | None = None  # the other tensor-parallel ranks, when vLLM serves with TP > 1
@@ -359,11 +360,25 @@ class TrainerService:
         while not self.stopping and not self.gate_done.wait(0.5):
             pass  # jobs recovered from the journal wait for the parity gate
         while not self.stopping:
-            job = self.jobs.next(lambda: self.stopping, on_idle=lambda: self.checkpointer.when_idle(self))
+            job = self.jobs.next(lambda: self.stopping, on_idle=self._when_idle)
             if job is not None:
                 self._run(job)
 
+    def _when_idle(self) -> None:
+        """The job thread with nothing queued: the last job's memory back to the OS, then a
+        scheduled checkpoint when due."""
+        self._release_heap()
+        self.checkpointer.when_idle(self)
+
+    def _release_heap(self) -> None:
+        """glibc keeps freed heap pages; hand them back once per job, between jobs (it takes
+        30-50 ms, so never between a job's last step and its answer)."""
+        if self.heap_held:
+            self.heap_held = False
+            release_free_heap()
+
     def _run(self, job: Job) -> None:
+        self._release_heap()  # before the job's memory check: a job straight after another
         info = job.info
         version_before = self.weights_version
         if self.state != "ready":
@@ -380,7 +395,7 @@ class TrainerService:
         if self.trainer.optimizer is not None:
             self.optimizer_state_bytes = self.trainer.optimizer_bytes()  # the job thread owns the optimizer
         self._count(info.result or {})
-        release_free_heap()
+        self.heap_held = True
         info.finished_at, info.weights_version, info.error = time.time(), self.weights_version, error
         if self.weights_version != version_before:
             self.checkpointer.schedule()

@@ -43,7 +43,7 @@ def _trainer_logprobs(session: Path, prompt: list[int]) -> list[float]:
     async def go():
         client = TrainerClient(session)
         try:
-            return (await client.request(TokenLogprobsOp(token_ids=prompt), timeout=600)).logprobs
+            return (await client.request(TokenLogprobsOp(token_ids=prompt), timeout=600, connect_timeout=10.0)).logprobs
         finally:
             client.close()
 

@@ -78,7 +78,7 @@ class Served:
         async def go():
             client = TrainerClient(self.session)
             try:
-                return (await client.request(body)).model_dump()
+                return (await client.request(body, connect_timeout=10.0)).model_dump()
             finally:
                 client.close()
 

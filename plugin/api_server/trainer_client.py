@@ -49,15 +49,16 @@ class TrainerClient:
         self.reader = asyncio.get_running_loop().create_task(self._read())
         self.tasks: set[asyncio.Task] = set()
 
-    async def request(self, body: BaseModel, timeout: float = 30.0):
+    async def request(self, body: BaseModel, timeout: float = 30.0, connect_timeout: float = 1.0):
         """Send one op and return its result (the op's ``Result`` type); raises
-        TrainerError/TrainerUnavailable."""
+        TrainerError/TrainerUnavailable. ``connect_timeout``: how long to wait for a
+        connection to the trainer (a client made just now may need longer on a loaded machine)."""
         req_id = secrets.token_hex(8)
         future = asyncio.get_running_loop().create_future()
         self.pending[req_id] = future
         try:
             # POLLOUT only once a connection to a live trainer exists (IMMEDIATE).
-            if not await self.sock.poll(1000, zmq.POLLOUT):
+            if not await self.sock.poll(int(connect_timeout * 1000), zmq.POLLOUT):
                 raise TrainerUnavailable("the training process is not running (it may be starting or restarting)")
             await self.sock.send(encode(Request(id=req_id, body=body)), flags=zmq.NOBLOCK)
             try:

@@ -18,10 +18,12 @@ from hogwild import tiny_model
 from hogwild.client import preference_samples
 from hogwild.contracts.manifest import rank_manifest_name, read_manifest
 from hogwild.contracts.protocol import TokenLogprobsOp
+from hogwild.readout.vectors import load_vector_set
 from hogwild.training.circuit_breaker_data import synthetic_samples
 from hogwild.worker.views import map_tensors, served_views
 
-from ..conftest import serving
+from ..conftest import serving, train_readout_vectors
+from .test_readout import TOLERANCE, ask, check
 from .test_spine import train, vllm_position_logprobs
 
 pytestmark = pytest.mark.server
@@ -38,10 +40,16 @@ def model_dir(request, tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tp2(model_dir, tmp_path_factory):
+def readout_vectors(model_dir, tmp_path_factory):
+    return train_readout_vectors(model_dir, tmp_path_factory.mktemp("tp-readout"), [0, 1])
+
+
+@pytest.fixture(scope="module")
+def tp2(model_dir, readout_vectors, tmp_path_factory):
     # Two CPU workers need one core each (this machine has one NUMA node).
     with serving(model_dir, tmp_path_factory.mktemp("tp2"), "tp2", dtype="float32",
-                 extra_args=["--tensor-parallel-size", "2"], env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as handle:
+                 extra_args=["--tensor-parallel-size", "2"],
+                 env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_READOUT_VECTORS": str(readout_vectors)}) as handle:
         handle.arch = read_manifest(handle.session).model_class
         yield handle
 
@@ -66,6 +74,18 @@ def test_what_the_ranks_compute_with_is_the_model(tp2):
         logprobs = torch.log_softmax(model(torch.tensor([PROMPT])).logits[0].double(), -1)
     expected = [logprobs[q - 1, PROMPT[q]].item() for q in range(1, len(PROMPT))]
     assert max(abs(a - b) for a, b in zip(served, expected)) < 1e-4, (served, expected)
+
+
+def test_readout_reads_the_whole_residual_stream(tp2, readout_vectors):
+    """Every rank runs the readout tap; rank 0 reports, the residual stream being whole on each
+    rank after a layer's all-reduce: per-token concept values as a Hugging Face forward on the
+    same weights gives them, for the prompt and each generated token, streamed or not."""
+    model = AutoModelForCausalLM.from_pretrained(tp2.model_dir, dtype=torch.float32)
+    vector_set = load_vector_set(readout_vectors)
+    for stream in (False, True):
+        choice, = ask(tp2, "completions", PROMPT, stream, readout_prompt=True)
+        assert len(choice["readout"]) == len(choice["ids"]) > 0
+        assert check(model, vector_set, choice) < TOLERANCE, stream
 
 
 def _rank_views(tp2, rank: int) -> tuple[dict, dict]:

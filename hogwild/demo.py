@@ -120,8 +120,8 @@ class Demo:
         self.note(f"    job {job['job_id']} {job['state']} in {time.monotonic() - t:.1f} s: {res['steps']} steps, "
                   f"loss {res['loss_before']:.3f} -> {res['loss_after']:.4f}, {res['tokens_per_s']:.0f} tokens/s")
         self.note(f"    answered {1000 * (answered - res['last_step_at']):.0f} ms after the last step, "
-                  f"{1000 * (job['finished_at'] - res['last_step_at']):.0f} ms of them measuring loss_after "
-                  "(`eval_tokens: 0` skips it), pushed by the trainer's job_finished event")
+                  f"{1000 * (job['finished_at'] - res['last_step_at']):.0f} ms of them the job's end, loss_after's evaluation "
+                  "included (`eval_tokens: 0` skips it), then the trainer's job_finished event")
         self.note()
 
         self.note("## 6. The very next completion, same server, no restart")

@@ -42,8 +42,7 @@ class Follower:
         self.device = self.trainer.device
         from hogwild.worker.checkpoint import STATE_DIRNAME
 
-        error = restore_optimizer(self.trainer, Path(manifest.model) / STATE_DIRNAME,
-                                  manifest.tensor_parallel_rank, manifest.tensor_parallel_size)
+        error = restore_optimizer(self.trainer, Path(manifest.model) / STATE_DIRNAME, manifest)
         if error:
             logger.warning("rank %d: %s", manifest.tensor_parallel_rank, error)
 

@@ -31,10 +31,11 @@ def optimizer_files(rank: int, size: int) -> tuple[str, str]:
     return f"optimizer.tp{size}.rank{rank}.safetensors", f"optimizer.tp{size}.rank{rank}.json"
 
 
-def restore_optimizer(trainer, state_dir: Path, rank: int, size: int) -> str | None:
-    """Rebuild ``trainer``'s optimizer from this rank's files in a checkpoint's state
-    directory, when it saved one. Returns why the saved state was not restored (unreadable,
-    or not this model's), else None; the optimizer is then left as it was."""
+def restore_optimizer(trainer, state_dir: Path, manifest: Manifest) -> str | None:
+    """Rebuild ``trainer``'s optimizer from this rank's files (``manifest`` says which rank)
+    in a checkpoint's state directory, when it saved one. Returns why the saved state was not
+    restored (unreadable, or not this model's), else None; the optimizer is then left as it was."""
+    rank, size = manifest.tensor_parallel_rank, manifest.tensor_parallel_size
     tensors, meta = (state_dir / name for name in optimizer_files(rank, size))
     if not meta.exists():
         return None

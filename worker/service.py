@@ -170,7 +170,7 @@ class TrainerService:
         restored = {"from": str(saved) if saved.is_dir() else None, "ledger_ids": len(self.ledger), "optimizer_step": None,
                     **self.heads.restore(saved)}
         # Under TP each rank restores its own shard's optimizer (``follower`` for the others).
-        error = restore_optimizer(self.trainer, saved, self.manifest.tensor_parallel_rank, self.manifest.tensor_parallel_size)
+        error = restore_optimizer(self.trainer, saved, self.manifest)
         if error:
             restored["optimizer_error"] = error
             logger.warning(error)

@@ -50,6 +50,8 @@ class TrainerStatus(BaseModel):
     optimizer: dict[str, Any] = {}
     memory: dict[str, Any] = {}
     totals: dict[str, Any] = {}  # what this trainer process has done (jobs, tokens, steps, checkpoints), for metrics
+    # {"unreadable": [{"file", "job_id", "reason"}, ...]}: journal records that no longer parse, kept aside
+    journal: dict[str, Any] = {}
     # The trainer's ranks: {"size": 1}, or under tensor parallel {"size": N, "ranks": [{"rank", "pid",
     # "param_bytes", "shared_param_bytes", "binding_private_bytes"}, ...]} (one per vLLM rank).
     tensor_parallel: dict[str, Any] = {}

@@ -264,6 +264,9 @@ def status(args) -> None:
             ("trainer ranks", (body.get("tensor_parallel") or {}).get("size"))]
     for name, key in (("seconds since last step", "last_step_at"), ("seconds since last checkpoint", "last_checkpoint_at")):
         rows.append((name, round(time.time() - totals[key], 1) if totals.get(key) else None))
+    unreadable = (body.get("journal") or {}).get("unreadable") or []
+    rows.append(("unreadable journal records", len(unreadable)))
+    rows += [(f"  {u['file']}", u["reason"]) for u in unreadable]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value if value is not None else '-'}")

@@ -52,6 +52,17 @@ def checkpoint_after_minutes() -> float:
     return _float("HOGWILD_CHECKPOINT_AFTER_MINUTES", 10.0)
 
 
+def wait_timeout_s() -> float:
+    """How long a `"wait": true` caller is kept waiting for its job's end before a 504 (the job goes on)."""
+    return _float("HOGWILD_WAIT_TIMEOUT_S", 3600.0)
+
+
+def test_faults() -> Path | None:
+    """Tests only: a file naming a fault for the trainer to inject (``worker/faults.py``)."""
+    value = os.environ.get("HOGWILD_TEST_FAULTS")
+    return Path(value) if value else None
+
+
 def checkpoint_fault_after() -> int | None:
     """Tests only: kill the process at this durable step of a checkpoint sync."""
     return _int("HOGWILD_CHECKPOINT_FAULT_AFTER", 0) or None

@@ -15,6 +15,7 @@ from hogwild import envs
 from hogwild.contracts.protocol import CheckpointReport, OpError
 from hogwild.contracts.trainer_ranks import SaveOptimizerCommand, WriteTensorsCommand
 
+from . import faults
 from .checkpoint import CheckpointError, copy_model_dir, read_layout, sync, write_state_file
 from .rank_group import gather_errors
 from .rank_work import GatheredTensors, optimizer_files
@@ -64,6 +65,7 @@ class Checkpointer:
             raise OpError("conflict", f"the served model {source} is not a local directory: give a target directory")
         directory = Path(target) if target else source
         with service.access.exclusive() as model:
+            faults.point("checkpoint")
             try:
                 if not (directory / "config.json").exists():
                     copy_model_dir(source, directory)
@@ -106,9 +108,10 @@ class Checkpointer:
         self.due = None
         try:
             self.write(service, None)
-        except OpError as exc:
-            self.last = {"error": str(exc), "time": time.time()}
-            logger.error("scheduled checkpoint failed: %s", exc)
+        except Exception as exc:  # reported by status; the job thread goes on
+            error = str(exc) if isinstance(exc, OpError) else f"{type(exc).__name__}: {exc}"
+            self.last = {"error": error, "time": time.time()}
+            logger.exception("scheduled checkpoint failed: %s", error)
 
     def status(self) -> dict:
         return {"restored": self.restored, "last": self.last,

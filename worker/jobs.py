@@ -6,6 +6,7 @@ started after this one died can account for every job (see ``journal.py``).
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -13,8 +14,10 @@ from collections import deque
 
 from hogwild.contracts.protocol import JobInfo, JobRequest, OpError
 
-from .journal import KEEP_FINISHED, JobJournal
+from . import faults
+from .journal import KEEP_FINISHED, UNREADABLE, JobJournal
 
+logger = logging.getLogger("hogwild.worker")
 RECENT_JOBS = 32  # finished jobs listed by status
 
 
@@ -39,13 +42,18 @@ class JobBook:
         # Totals of this trainer process, for metrics: accepted jobs by mode, ended ones by "mode/state".
         self.submitted: dict[str, int] = {}
         self.ended: dict[str, int] = {}
+        self.set_aside = 0  # journal records this process found unreadable (and moved aside)
 
     def recover(self, reason: str) -> list[JobInfo]:
         """Read the journal left by earlier trainers: finished jobs stay answerable,
         queued ones run again, the one that was running is failed with ``reason``.
+        A job whose request no longer parses is failed saying so (the file is kept aside).
         Returns the jobs failed here."""
         failed = []
-        for info, request in self.journal.load():
+        records, unreadable = self.journal.load()
+        self.set_aside = len(unreadable)
+        lost_requests = {u.job_id: u for u in unreadable}
+        for info, request in records:
             job = Job(request, info)
             self.jobs[info.job_id] = job
             if info.done:
@@ -54,8 +62,12 @@ class JobBook:
                 self.pending.append(job)
             else:
                 info.state, info.finished_at = "failed", time.time()
-                info.error = (f"{reason} while this job was running; {info.step} of {info.total_steps} steps had been "
-                              "applied to the served weights. Resubmit it to train the rest.")
+                if info.job_id in lost_requests:
+                    info.error = (f"its request could not be read back from the journal ({lost_requests[info.job_id].reason}); "
+                                  f"kept in {self.journal.directory / UNREADABLE}. Resubmit it.")
+                else:
+                    info.error = (f"{reason} while this job was running; {info.step} of {info.total_steps} steps had been "
+                                  "applied to the served weights. Resubmit it to train the rest.")
                 self.journal.save(info)
                 self.journal.drop_request(info.job_id)
                 self.finished.append(info.job_id)
@@ -99,7 +111,7 @@ class JobBook:
 
     def next(self, stopping, on_idle=None) -> Job | None:
         """Block until a job is queued (None once ``stopping()``); it becomes the
-        running one. ``on_idle`` is called about twice a second meanwhile."""
+        running one (``started`` marks it so). ``on_idle`` is called about twice a second meanwhile."""
         with self.cv:
             while not self.pending:
                 if stopping():
@@ -112,29 +124,42 @@ class JobBook:
                     finally:
                         self.cv.acquire()
             job = self.pending.popleft()
-            job.info.state, job.info.started_at, job.info.trainer_id = "running", time.time(), self.trainer_id
             self.running = job
-        self.journal.save(job.info)
         return job
+
+    def started(self, job: Job) -> None:
+        """The running job begins its work: journaled as running first."""
+        job.info.state, job.info.started_at, job.info.trainer_id = "running", time.time(), self.trainer_id
+        self.journal.save(job.info)
 
     def progress(self, job: Job, step: int, total: int) -> None:
         """Record progress; written to disk at most once a second (not fsynced)."""
         job.info.step, job.info.total_steps = step, total
+        if step == total:
+            faults.last_step_done(job)
         now = time.monotonic()
         if now - job.last_saved >= 1.0:
             job.last_saved = now
             self.journal.save(job.info, durable=False)
 
-    def end(self, job: Job) -> None:
+    def end(self, job: Job, journal: bool = True) -> None:
+        """The job has ended (its final state set): journaled (``journal``: unless the
+        journal has just failed for it), counted, kept answerable among the finished ones."""
         with self.cv:
+            if journal:
+                self.journal.save(job.info)
             self.running = None
-            self._finish(job)
+            self._finish(job, save=False)
 
-    def _finish(self, job: Job) -> None:
+    def _finish(self, job: Job, save: bool = True) -> None:
         key = f"{job.info.mode}/{job.info.state}"
         self.ended[key] = self.ended.get(key, 0) + 1
-        self.journal.save(job.info)
-        self.journal.drop_request(job.info.job_id)  # the samples are no longer needed
+        if save:
+            self.journal.save(job.info)
+        try:
+            self.journal.drop_request(job.info.job_id)  # the samples are no longer needed
+        except OSError:
+            logger.warning("job %s: its request file could not be removed", job.info.job_id)
         self.finished.append(job.info.job_id)
         if len(self.finished) > KEEP_FINISHED:
             old, self.finished = self.finished[:-KEEP_FINISHED], self.finished[-KEEP_FINISHED:]

@@ -5,12 +5,15 @@ options), written once, fsynced, when the job is accepted and removed when it en
 and ``<id>.json``, its ``JobInfo``, small, rewritten as the job moves (fsynced at
 submission, start and end; progress is not). A trainer that starts after another one
 died reads both back, so no submitted job is silently lost: finished jobs stay
-answerable, queued jobs run, and the job that was running is reported failed.
+answerable, queued jobs run, and the job that was running is reported failed. A
+record that no longer parses is moved to ``unreadable/`` with its reason, and counted.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import TypeAdapter
@@ -20,6 +23,17 @@ from hogwild.contracts.protocol import JobInfo, JobRequest
 REQUEST = TypeAdapter(JobRequest)
 
 KEEP_FINISHED = 256  # finished jobs kept answerable across restarts
+UNREADABLE = "unreadable"  # records that no longer parse, set aside with their reasons
+logger = logging.getLogger("hogwild.worker")
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A journal file set aside: its name, the job it was of, and why it did not parse."""
+
+    file: str
+    job_id: str
+    reason: str
 
 
 def _write(path: Path, data: bytes, durable: bool) -> None:
@@ -50,20 +64,47 @@ class JobJournal:
         """The job has ended: its samples are no longer needed."""
         (self.directory / f"{job_id}.request.json").unlink(missing_ok=True)
 
-    def load(self) -> list[tuple[JobInfo, JobRequest | None]]:
-        """Every readable record with its request (if still kept), oldest submission first."""
-        records = []
-        for path in self.directory.glob("job-*.json"):
+    def load(self) -> tuple[list[tuple[JobInfo, JobRequest | None]], list[Unreadable]]:
+        """Every readable record with its request (if still kept), oldest submission first;
+        and the files that no longer parse (a contracts change, a torn write), each moved
+        to ``unreadable/`` with the reason beside it, never dropped."""
+        records, unreadable = [], []
+        for path in sorted(self.directory.glob("job-*.json")):
             if path.name.endswith(".request.json"):
                 continue
             try:
                 info = JobInfo.model_validate_json(path.read_bytes())
-                request_path = path.with_name(f"{info.job_id}.request.json")
-                request = REQUEST.validate_json(request_path.read_bytes()) if request_path.exists() else None
-                records.append((info, request))
-            except (OSError, ValueError):
+            except (OSError, ValueError) as exc:
+                unreadable.append(self._set_aside(path, exc))
                 continue
-        return sorted(records, key=lambda r: r[0].submitted_at)
+            request_path = path.with_name(f"{info.job_id}.request.json")
+            request = None
+            if request_path.exists() and not info.done:
+                try:
+                    request = REQUEST.validate_json(request_path.read_bytes())
+                except (OSError, ValueError) as exc:
+                    unreadable.append(self._set_aside(request_path, exc, info.job_id))
+            records.append((info, request))
+        return sorted(records, key=lambda r: r[0].submitted_at), unreadable
+
+    def _set_aside(self, path: Path, exc: Exception, job_id: str | None = None) -> Unreadable:
+        aside = self.directory / UNREADABLE
+        aside.mkdir(exist_ok=True, mode=0o700)
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        os.replace(path, aside / path.name)
+        _write(aside / f"{path.name}.reason", reason.encode(), durable=True)
+        logger.error("job journal: %s could not be read (%s); kept in %s", path.name, reason, aside)
+        return Unreadable(file=path.name, job_id=job_id or path.name.removesuffix(".json"), reason=reason)
+
+    def unreadable(self) -> list[Unreadable]:
+        """What ``unreadable/`` holds, with the reasons written beside each file."""
+        aside = self.directory / UNREADABLE
+        found = []
+        for reason in sorted(aside.glob("*.reason")):
+            name = reason.name.removesuffix(".reason")
+            found.append(Unreadable(file=name, job_id=name.removesuffix(".json").removesuffix(".request"),
+                                    reason=reason.read_text(errors="replace")))
+        return found
 
     def forget(self, job_ids: list[str]) -> None:
         for job_id in job_ids:

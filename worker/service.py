@@ -16,6 +16,7 @@ import queue
 import secrets
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -47,12 +48,13 @@ from hogwild.training.hf_model import pad_token_id
 from hogwild.training.memory import available_memory
 from hogwild.training.sft import SFTTrainer
 
+from . import faults
 from .adapters import AdapterBook
 from .checkpoint import STATE_DIRNAME
 from .checkpointer import Checkpointer
 from .jobs import Job, JobBook
 from .journal import JobJournal
-from .kinds import kind_of
+from .kinds import Outcome, kind_of
 from .ledger import Ledger
 from .model_access import ModelAccess
 from .parity import compare, first_differing_tensor, probe_ids
@@ -279,6 +281,7 @@ class TrainerService:
                           "yet (sft and preference are): serve with tensor parallel size 1 for it")
         self.check_token_ids(op.token_lists())
         admission = kind.admit(self, op)
+        faults.point("admission", mode=op.mode)
         self.check_memory(kind, op)
         return self.jobs.add(op, admission.n_samples, admission.skipped_ids, admission.warnings)
 
@@ -351,7 +354,7 @@ class TrainerService:
     def totals(self) -> dict:
         """Everything this trainer process has done, as metrics report it."""
         return {"jobs_submitted": dict(self.jobs.submitted), "jobs_finished": dict(self.jobs.ended), **self.trained,
-                **self.checkpointer.totals}
+                **self.checkpointer.totals, "journal_unreadable": self.jobs.set_aside}
 
     # ---- the job thread -------------------------------------------------
 
@@ -378,34 +381,68 @@ class TrainerService:
             release_free_heap()
 
     def _run(self, job: Job) -> None:
+        """Run one job and end it, whatever happens: the one guard around every kind. Any
+        exception (a kind's, the memory check's, the journal's, the rank group's) fails the
+        job with its type and message, logged with its traceback; the job thread goes on
+        to the next job and the `wait` callers are answered."""
         self._release_heap()  # before the job's memory check: a job straight after another
-        info = job.info
         version_before = self.weights_version
+        try:
+            state, error = self._outcome(job)
+        except OpError as exc:
+            state, error = "failed", str(exc)
+        except Exception as exc:
+            logger.error("job %s failed:\n%s", job.info.job_id, traceback.format_exc())
+            state, error = "failed", f"{type(exc).__name__}: {exc}"
+        if state == "failed" and self.weights_version != version_before:
+            error = f"{error} ({self.weights_version - version_before} updates had been applied to the served weights)"
+        self._end(job, state, error, version_before)
+
+    def _outcome(self, job: Job) -> Outcome:
         if self.state != "ready":
-            state, error = "failed", f"the trainer is {self.state}: {self.reason}"
-        elif job.cancel_requested:
-            state, error = "cancelled", None
-        else:
-            kind = kind_of(job.op)
-            try:
-                self.check_memory(kind, job.op)  # memory may have changed since submission
-                state, error = kind.run(self, job)
-            except OpError as exc:
-                state, error = "failed", str(exc)
-        if self.trainer.optimizer is not None:
-            self.optimizer_state_bytes = self.trainer.optimizer_bytes()  # the job thread owns the optimizer
-        self._count(info.result or {})
+            return "failed", f"the trainer is {self.state}: {self.reason}"
+        if job.cancel_requested:
+            return "cancelled", None
+        kind = kind_of(job.op)
+        self.jobs.started(job)
+        faults.point("memory_check", job)
+        self.check_memory(kind, job.op)  # memory may have changed since submission
+        faults.point("before_first_step", job)
+        with faults.during(job):
+            return kind.run(self, job)
+
+    def _end(self, job: Job, state: str, error: str | None, version_before: int) -> None:
+        """Report the job ended: counted, journaled, then the job_finished event. A failure
+        here fails the job (once) and still answers; the event is last (a lost one is made
+        up for by the callers' own polling)."""
+        info = job.info
+        try:
+            if self.trainer is not None and self.trainer.optimizer is not None:
+                self.optimizer_state_bytes = self.trainer.optimizer_bytes()  # the job thread owns the optimizer
+            self._count(info.result or {})
+        except Exception:
+            logger.exception("job %s: its figures could not be counted", info.job_id)
         self.heap_held = True
         info.finished_at, info.weights_version, info.error = time.time(), self.weights_version, error
         if self.weights_version != version_before:
             self.checkpointer.schedule()
         info.state = state  # last: whoever sees a finished job sees all of it
-        self.jobs.end(job)  # counted and journaled before the event: the metrics show it to whoever hears it ended
-        self.send(None, Event(event="job_finished", trainer_id=self.trainer_id, job=info, weights_version=self.weights_version,
-                              weights_changed=self.weights_version != version_before, trainer_idle=self.jobs.idle()))
+        try:
+            faults.point("journal_write", job)
+            self.jobs.end(job)  # counted and journaled before the event: the metrics show it to whoever hears it ended
+        except Exception as exc:
+            logger.error("job %s: its end could not be journaled:\n%s", info.job_id, traceback.format_exc())
+            info.state = "failed"
+            info.error = f"its end could not be journaled ({type(exc).__name__}: {exc}); it had ended {state}" + (
+                f": {error}" if error else "")
+            self.jobs.end(job, journal=False)
+        try:
+            faults.point("event_send", job)
+            self.send(None, Event(event="job_finished", trainer_id=self.trainer_id, job=info, weights_version=self.weights_version,
+                                  weights_changed=self.weights_version != version_before, trainer_idle=self.jobs.idle()))
+        except Exception:
+            logger.exception("job %s: its job_finished event was not sent (waiting callers poll for it)", info.job_id)
         if self.group is not None and self.group.broken:
             logger.error("a job failed midway on the tensor-parallel ranks; restarting them")
             time.sleep(0.5)  # the event out first
             os._exit(RANK_DIED_EXIT)
-
-

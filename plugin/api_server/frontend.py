@@ -48,7 +48,7 @@ logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers 
 
 # Trainer error code -> HTTP status.
 STATUS_OF = {"invalid": 422, "not_found": 404, "conflict": 409, "too_large": 413, "busy": 429, "unsupported": 501,
-             "unavailable": 503}
+             "unavailable": 503, "timeout": 504}
 RETRY_AFTER = {"Retry-After": "5"}
 HEARTBEAT_S = 2.0
 # How long `wait` keeps waiting through a trainer restart before answering 503.
@@ -72,7 +72,7 @@ def default_state_dir(model: str) -> Path:
 
 def as_api_error(exc: TrainerError) -> ApiError:
     status = STATUS_OF.get(exc.code, 500)
-    return ApiError(status, str(exc), headers=RETRY_AFTER if status in (429, 503) else None)
+    return ApiError(status, str(exc), headers=RETRY_AFTER if status in (429, 503, 504) else None)
 
 
 class Frontend:
@@ -95,6 +95,7 @@ class Frontend:
         self.cache_lock = asyncio.Lock()
         self.heartbeat: asyncio.Task | None = None
         self.waiters: dict[str, list[asyncio.Future]] = {}  # job id -> `wait` callers, answered by job_finished
+        self.wait_timeout = envs.wait_timeout_s()
         self.readout = ReadoutFrontend.if_enabled(self.session, config.model_config)
 
     @property
@@ -114,6 +115,7 @@ class Frontend:
             self.process.start()
             self.process.watcher = asyncio.get_running_loop().create_task(self.process.watch())
         self.client = TrainerClient(self.session, on_event=self.on_event)
+        self.process.on_exit = self.client.fail_pending
         self.heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
 
     async def _heartbeat(self) -> None:
@@ -211,22 +213,28 @@ class Frontend:
     async def wait(self, job_id: str) -> JobInfo:
         """The job's final state, from the job_finished event (asked again every few seconds
         in case the event was lost), once no stale KV cache remains. Waits through a
-        trainer restart: the journal lets the next trainer report the job."""
+        trainer restart: the journal lets the next trainer report the job. Gives up after
+        ``HOGWILD_WAIT_TIMEOUT_S`` with a 504 that says where the job is (it goes on)."""
         loop = asyncio.get_running_loop()
-        unreachable_since = None
+        deadline = loop.time() + self.wait_timeout
+        unreachable_since, info = None, None
         while True:
+            if loop.time() >= deadline:
+                where = f"it is {info.state} (step {info.step} of {info.total_steps})" if info else "its state is unknown"
+                raise ApiError(504, f"waited {self.wait_timeout:g} s for job {job_id} to end and {where}; it goes on: "
+                               f"GET /train/{job_id} reports its end", headers=RETRY_AFTER)
             waiter = loop.create_future()
             self.waiters.setdefault(job_id, []).append(waiter)  # before asking: an event in between is not missed
             try:
                 info = await self.call(JobOp(job_id=job_id))
                 unreachable_since = None
                 if not info.done:
-                    info = await asyncio.wait_for(waiter, WAIT_FALLBACK_POLL_S)
+                    info = await asyncio.wait_for(waiter, max(0.0, min(WAIT_FALLBACK_POLL_S, deadline - loop.time())))
                 break
             except asyncio.TimeoutError:
                 continue
             except ApiError as exc:
-                if exc.status != 503:
+                if exc.status not in (503, 504):  # unreachable, or too busy to answer: ask again
                     raise
                 unreachable_since = unreachable_since or loop.time()
                 if loop.time() - unreachable_since > WAIT_THROUGH_RESTART_S:

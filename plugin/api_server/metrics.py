@@ -29,6 +29,8 @@ class Metrics:
         self.checkpoint_bytes = Counter("hogwild_checkpoint_bytes_written", "Bytes written by checkpoint syncs")
         self.checkpoint_seconds = Counter("hogwild_checkpoint_seconds", "Seconds spent in checkpoint syncs")
         self.trainer_restarts = Counter("hogwild_trainer_restarts", "Times the training process was started again")
+        self.journal_unreadable = Counter("hogwild_journal_unreadable",
+                                          "Job journal records that no longer parsed, moved to the journal's unreadable/")
         self.readout_rows = Counter("hogwild_readout_rows", "Rows of concept readouts received from the model worker")
         self.last_loss = gauge("hogwild_last_loss", "Loss of the last optimizer step")
         self.weights_version = gauge("hogwild_weights_version", "Version of the served weights (+1 per change)")
@@ -57,7 +59,8 @@ class Metrics:
             mode, _, state = key.partition("/")
             self._add(self.jobs_finished.labels(mode=mode, state=state), n, before.get("jobs_finished", {}).get(key, 0))
         for counter, key in ((self.tokens_trained, "tokens_trained"), (self.optimizer_steps, "optimizer_steps"),
-                             (self.checkpoint_bytes, "checkpoint_bytes_written"), (self.checkpoint_seconds, "checkpoint_seconds")):
+                             (self.checkpoint_bytes, "checkpoint_bytes_written"), (self.checkpoint_seconds, "checkpoint_seconds"),
+                             (self.journal_unreadable, "journal_unreadable")):
             self._add(counter, totals.get(key, 0), before.get(key, 0))
         self._seen = (status.trainer_id, totals)
         if totals.get("last_loss") is not None:

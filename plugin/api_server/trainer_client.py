@@ -37,6 +37,13 @@ class TrainerUnavailable(TrainerError):
         super().__init__("unavailable", message)
 
 
+class TrainerTimeout(TrainerError):
+    """The trainer is there but did not answer in time (it may still be working on it)."""
+
+    def __init__(self, message: str):
+        super().__init__("timeout", message)
+
+
 class TrainerClient:
     def __init__(self, session: Path, on_event: Callable[[Event], Awaitable[None]] | None = None):
         self.ctx = zmq.asyncio.Context()
@@ -51,7 +58,8 @@ class TrainerClient:
 
     async def request(self, body: BaseModel, timeout: float = 30.0, connect_timeout: float = 1.0):
         """Send one op and return its result (the op's ``Result`` type); raises
-        TrainerError/TrainerUnavailable. ``connect_timeout``: how long to wait for a
+        TrainerError: TrainerUnavailable when no trainer is connected or it died meanwhile,
+        TrainerTimeout after ``timeout``. ``connect_timeout``: how long to wait for a
         connection to the trainer (a client made just now may need longer on a loaded machine)."""
         req_id = secrets.token_hex(8)
         future = asyncio.get_running_loop().create_future()
@@ -64,7 +72,8 @@ class TrainerClient:
             try:
                 reply: Reply = await asyncio.wait_for(future, timeout)
             except asyncio.TimeoutError:
-                raise TrainerUnavailable(f"the training process did not answer within {timeout:.0f} s") from None
+                what = getattr(body, "op", type(body).__name__)
+                raise TrainerTimeout(f"the training process did not answer the {what} request within {timeout:.0f} s") from None
         finally:
             self.pending.pop(req_id, None)
         if not reply.ok:
@@ -90,6 +99,13 @@ class TrainerClient:
                 raise
             except Exception:
                 logger.exception("hogwild: unreadable message from the trainer")
+
+    def fail_pending(self, reason: str) -> None:
+        """The trainer process died: every request waiting for a reply fails now, saying why,
+        instead of at its deadline."""
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(TrainerUnavailable(f"the training process ended before answering: {reason}"))
 
     def close(self) -> None:
         self.reader.cancel()

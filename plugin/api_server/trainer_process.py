@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hogwild.contracts.trainer_ranks import RANK_DIED_EXIT, how_it_ended
@@ -39,6 +40,7 @@ class TrainerProcess:
         self.restarts = 0
         self.last_exit: str | None = None  # why the last trainer process ended
         self.watcher: asyncio.Task | None = None
+        self.on_exit: Callable[[str], None] | None = None  # told why, each time the trainer process ends
 
     def try_own(self) -> bool:
         """Take the trainer lock if no other API server process holds it."""
@@ -71,6 +73,8 @@ class TrainerProcess:
                 continue
             reason = self.last_exit = exit_reason(self.proc.returncode)
             logger.error("hogwild: %s; restarting it", reason)
+            if self.on_exit is not None:
+                self.on_exit(reason)
             lived = time.monotonic() - self.started_at
             pause = 1.0 if lived > 60 else min(pause * 2, 30.0)
             await asyncio.sleep(pause)

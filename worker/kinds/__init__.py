@@ -7,7 +7,7 @@ from __future__ import annotations
 from hogwild.contracts.protocol import OpError
 
 from . import btrm, circuit_breaker, preference, readout, revert, sft
-from .base import Admission, JobKind
+from .base import Admission, JobKind, Outcome
 
 KINDS: dict[type, JobKind] = {kind.request: kind for kind in (sft.KIND, btrm.KIND, circuit_breaker.KIND, revert.KIND,
                                                             readout.KIND, preference.KIND)}
@@ -20,4 +20,4 @@ def kind_of(op) -> JobKind:
     return kind
 
 
-__all__ = ["KINDS", "Admission", "JobKind", "kind_of"]
+__all__ = ["KINDS", "Admission", "JobKind", "Outcome", "kind_of"]

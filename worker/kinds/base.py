@@ -34,6 +34,8 @@ class JobKind:
     raise ``OpError`` to refuse with a reason), ``estimate`` before admission and again
     when the job starts (None: nothing worth checking), ``run`` on the job thread; it
     returns the final state and error, and leaves its numbers in ``job.info.result``.
+    Whatever ``run`` raises fails the job with the exception's type and message: the
+    service's one guard (``TrainerService._run``), so a kind has no guard of its own.
     """
 
     request: ClassVar[type[JobRequestBase]]

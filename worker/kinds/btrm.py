@@ -3,9 +3,7 @@ served weights untouched), optionally with a private trunk LoRA that is never me
 
 from __future__ import annotations
 
-import logging
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -19,8 +17,6 @@ from hogwild.training.lora import lora_factors
 
 from ..reward_heads import TRUNK_LORA_ALPHA, TRUNK_LORA_R
 from .base import Admission, JobKind
-
-logger = logging.getLogger("hogwild.worker")
 
 
 def labels_of(op: SubmitBTRMOp, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,36 +50,32 @@ class BTRM(JobKind):
         op: SubmitBTRMOp = job.op
         config = op.config
         names = [h.name for h in config.heads]
-        try:
-            if op.samples:
-                ids = [s.ids[-config.max_length :] for s in op.samples]
-                positive, negative_weight = labels_of(op, names)
-                report = {"samples": len(ids)}
-            else:
-                labelled = build_labelled_set(config, Path("/"))
-                ids = encode(service.tokenizer(), config, labelled.texts)
-                positive, negative_weight, report = labelled.positive, labelled.negative_weight, labelled.report
-            if not ids:
-                return "failed", "no samples: the sources held no readable text"
-            job.info.n_samples = len(ids)
-            job.info.total_steps = config.epochs + (config.trunk_lora_epochs if config.trunk_lora else 0)
-            trunk_lora = None
-            if config.trunk_lora:  # a LoRA private to the heads: attached for training and scoring, never merged
-                with service.access.exclusive(), service.access.adapter(r=TRUNK_LORA_R, alpha=TRUNK_LORA_ALPHA,
-                                                                        dropout=0.05) as peft_model:
-                    result = train_btrm_with_trunk_lora(peft_model, ids, names, positive, negative_weight, config, report,
-                                                        progress=lambda stage, epoch, total: service.jobs.progress(job, epoch, total))
-                    trunk_lora = lora_factors(peft_model)
-            else:
-                with service.access.reading() as model:
-                    features = last_token_features(model, ids)  # the served weights as they are now
-                book = service.heads
-                reuse = book.heads if book.heads is not None and book.heads.names == names and book.trunk_lora is None else None
-                result = train_on_features(config, names, positive, negative_weight, features, heads=reuse, report=report,
-                                           progress=lambda epoch, total, log: service.jobs.progress(job, epoch, total))
-        except Exception as exc:
-            logger.error("job %s failed:\n%s", job.info.job_id, traceback.format_exc())
-            return "failed", f"{type(exc).__name__}: {exc}"
+        if op.samples:
+            ids = [s.ids[-config.max_length :] for s in op.samples]
+            positive, negative_weight = labels_of(op, names)
+            report = {"samples": len(ids)}
+        else:
+            labelled = build_labelled_set(config, Path("/"))
+            ids = encode(service.tokenizer(), config, labelled.texts)
+            positive, negative_weight, report = labelled.positive, labelled.negative_weight, labelled.report
+        if not ids:
+            return "failed", "no samples: the sources held no readable text"
+        job.info.n_samples = len(ids)
+        job.info.total_steps = config.epochs + (config.trunk_lora_epochs if config.trunk_lora else 0)
+        trunk_lora = None
+        if config.trunk_lora:  # a LoRA private to the heads: attached for training and scoring, never merged
+            with service.access.exclusive(), service.access.adapter(r=TRUNK_LORA_R, alpha=TRUNK_LORA_ALPHA,
+                                                                    dropout=0.05) as peft_model:
+                result = train_btrm_with_trunk_lora(peft_model, ids, names, positive, negative_weight, config, report,
+                                                    progress=lambda stage, epoch, total: service.jobs.progress(job, epoch, total))
+                trunk_lora = lora_factors(peft_model)
+        else:
+            with service.access.reading() as model:
+                features = last_token_features(model, ids)  # the served weights as they are now
+            book = service.heads
+            reuse = book.heads if book.heads is not None and book.heads.names == names and book.trunk_lora is None else None
+            result = train_on_features(config, names, positive, negative_weight, features, heads=reuse, report=report,
+                                       progress=lambda epoch, total, log: service.jobs.progress(job, epoch, total))
         job.info.result = result.summary()
         service.heads.replace(result.heads, {
             "names": names, "descriptions": {h.name: h.description for h in config.heads}, "meta_prompt": config.meta_prompt,

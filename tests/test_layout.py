@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,16 @@ print("\\n".join(sorted(sys.modules)))
     forbidden = [m for m in loaded if m.startswith(("hogwild.training", "hogwild.worker", "apollo_torch", "peft"))]
     assert not forbidden, forbidden
     assert "hogwild.plugin.api_server.routes" in loaded and "hogwild.contracts.protocol" in loaded
+
+
+def test_of_the_model_worker_package_the_api_server_imports_only_the_list_of_vllm_internals():
+    # vllm_internals imports nothing of vLLM, torch or the trainer at import time; the rest of model_runner does.
+    for path in (REPO / "plugin" / "api_server").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and "model_runner" in (node.module or ""):
+                imported = [node.module] if node.module.endswith(".vllm_internals") else [
+                    f"{node.module}.{a.name}" for a in node.names]
+                assert all(m.endswith("model_runner.vllm_internals") for m in imported), f"{path.name}: {imported}"
 
 
 def test_no_module_of_the_processes_packages_is_over_450_lines():

@@ -6,5 +6,6 @@ client and supervisor (``trainer_client``, ``trainer_process``), and readout's
 response rewriting (``readout_http``, ``readout_inbox``, ``readout_frontend``). It
 talks to the engine only through public ``EngineClient`` methods, and to the trainer
 over the wire protocol (``hogwild.contracts``); it imports no trainer, loss,
-optimizer or view model (``tests/test_layout.py`` checks it).
+optimizer or view model, and of ``model_runner`` only ``vllm_internals``, the list of
+every vLLM internal the plugin uses (``tests/test_layout.py`` checks it).
 """

@@ -20,11 +20,11 @@ async def prompt_token_logprobs(engine_client, prompt: list[int], priority: int 
     ``placeholder`` token of the prompt into the image's tokens; the answer is mapped back
     onto the positions the caller sent (``caller_positions``).
     """
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+    # Every vLLM name the plugin uses is in vllm_internals (the one model_runner module the API
+    # server imports: it imports nothing of vLLM, torch or the trainer until called).
+    from ..model_runner.vllm_internals import score_request
 
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-    request = TokensPrompt(prompt_token_ids=prompt)
+    request, params = score_request(prompt)
     if images:
         request["multi_modal_data"] = {"image": images}
     final = None

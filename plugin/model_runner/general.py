@@ -59,12 +59,10 @@ def register() -> None:
 def _publishing() -> bool:
     """False where the weights will not be published (e.g. pipeline parallel): then
     vLLM's fast packed path stays. Tensor-parallel ranks publish their shards."""
-    from vllm.config import get_current_vllm_config
-
     from ..trainability import unsupported_reason
 
     try:
-        return unsupported_reason(get_current_vllm_config()) is None
+        return unsupported_reason(vllm_internals.current_vllm_config()) is None
     except Exception:
         return True
 

@@ -361,7 +361,8 @@ def attach(runner, session: Path) -> ReadoutTap | None:
     files = readout_store.current_files(session)
     if files is None:
         return None
-    parallel = runner.vllm_config.parallel_config
+    config = vllm_internals.runner_config(runner)
+    parallel = config.parallel_config
     if parallel.pipeline_parallel_size > 1:
         raise RuntimeError("readout needs pipeline parallel size 1 (each stage would hold only some of the layers); "
                            "unset VLLM_READOUT_VECTORS or serve without pipeline parallelism")
@@ -370,11 +371,11 @@ def attach(runner, session: Path) -> ReadoutTap | None:
         raise RuntimeError(f"readout is on (VLLM_READOUT_VECTORS) but {problem}: the tap reads the model runner's batch")
     if vllm_internals.tensor_parallel_rank() != 0:
         return None  # the residual stream is whole on every rank: one of them reports it
-    model_config = runner.vllm_config.model_config
+    model_config = config.model_config
     hidden_size = model_config.get_hidden_size()
     num_layers = model_config.hf_text_config.num_hidden_layers
     first = readout_store.load_files(files, hidden_size, num_layers)
-    model = runner.get_model()
+    model = vllm_internals.runner_model(runner)
     tap = ReadoutTap(runner, session, hidden_size, num_layers, first, next(model.parameters()).device)
     layers = decoder_layers(model)
     for idx, layer in enumerate(layers):
@@ -385,7 +386,7 @@ def attach(runner, session: Path) -> ReadoutTap | None:
                               persistent=False)
         layer.register_forward_hook(_hook(idx))
     _TAP = tap
-    compiled = runner.vllm_config.compilation_config.mode != 0
+    compiled = config.compilation_config.mode != 0
     logger.info("hogwild readout: tapped %d decoder layers (%s)", len(tap.layers_present),
                 "compiled: the tap is an opaque custom op in the graph" if compiled else "eager")
     return tap

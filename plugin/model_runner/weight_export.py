@@ -30,7 +30,7 @@ from hogwild.contracts.manifest import (
 from hogwild.training.hf_model import UnsupportedModel
 
 from ..trainability import unsupported_reason
-from .vllm_internals import installed_version_problem
+from . import vllm_internals
 
 logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 
@@ -45,14 +45,12 @@ def hf_views(model: torch.nn.Module, model_dir: Path, dtype: torch.dtype, shards
     """Where the trainer's transformers parameters and the checkpoint's tensors lie in
     vLLM's parameters (``weight_mapping``), as manifest fields; with ``shards`` (a
     tensor-parallel rank) a view may hold a part of its tensor."""
-    from vllm.config import get_current_vllm_config, set_current_vllm_config
-
     from hogwild.training.hf_model import skeleton
 
     from .weight_mapping import checkpoint_names, derive_mapping
 
     # vLLM's Transformers backend decorates transformers' own class: build it under vLLM's config.
-    with set_current_vllm_config(get_current_vllm_config()):
+    with vllm_internals.under_current_vllm_config():
         hf = skeleton(model_dir, dtype)
     params = [(n, tuple(p.shape)) for n, p in hf.named_parameters()]
     mapping = derive_mapping(model, params, hf_model=hf, shards=shards)
@@ -138,25 +136,22 @@ def publish(model: torch.nn.Module, vllm_config, session: Path) -> Manifest:
 
     Under tensor parallelism each rank exports its own shard under its rank's names,
     and rank 0's manifest is also ``manifest.json``, which the trainer reads first."""
-    import vllm
-
     model_config = vllm_config.model_config
     tp = vllm_config.parallel_config.tensor_parallel_size
-    rank = 0
-    if tp > 1:
-        from vllm.distributed import get_tensor_model_parallel_rank
-
-        rank = get_tensor_model_parallel_rank()
+    rank = vllm_internals.tensor_parallel_rank() if tp > 1 else 0
+    version = vllm_internals.installed_version()
     base = dict(
         model=str(model_config.model),
         architectures=list(getattr(model_config.hf_config, "architectures", None) or []),
         dtype=str(model_config.dtype).removeprefix("torch."),
         worker_pid=os.getpid(),
-        vllm_version=vllm.__version__,
+        vllm_version=version,
         tensor_parallel_rank=rank,
         tensor_parallel_size=tp,
     )
-    vllm_problem = installed_version_problem()
+    vllm_problem = vllm_internals.check_version(version)
+    if vllm_problem is None and (note := vllm_internals.version_note(version)):
+        logger.warning("hogwild: %s", note)
     reason = unsupported_reason(vllm_config) or vllm_problem
     manifest = Manifest(backend="none", unsupported=reason, **base)
     if reason is None:

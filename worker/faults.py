@@ -24,7 +24,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from hogwild import envs
 
@@ -95,5 +96,5 @@ def _before_forward(module, args) -> None:
 
 
 if _spec_path is not None:
-    torch.optim.optimizer.register_optimizer_step_pre_hook(_before_optimizer_step)
-    torch.nn.modules.module.register_module_forward_pre_hook(_before_forward)
+    register_optimizer_step_pre_hook(_before_optimizer_step)
+    register_module_forward_pre_hook(_before_forward)

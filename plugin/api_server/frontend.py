@@ -129,6 +129,8 @@ class Frontend:
                     await self.check_parity(status.parity["probe_ids"])
                     status = await self.client.request(StatusOp(), timeout=10.0)
                 self.publish(status)
+                if status.state == "ready":
+                    self.process.ready_pid = status.pid
                 idle = status.running is None and not status.queue
                 if status.trainer_id != self.cache_state[0] or (idle and status.weights_version != self.cache_state[1]):
                     await self.refresh_prefix_cache(status.trainer_id, status.weights_version)

@@ -76,6 +76,8 @@ class TrainerClient:
                 raise TrainerTimeout(f"the training process did not answer the {what} request within {timeout:.0f} s") from None
         finally:
             self.pending.pop(req_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: one set by ``fail_pending`` before the send is not an error to log
         if not reply.ok:
             raise TrainerError(reply.error.code, reply.error.message)
         return body.Result.model_validate(reply.result or {})

@@ -41,6 +41,7 @@ class TrainerProcess:
         self.last_exit: str | None = None  # why the last trainer process ended
         self.watcher: asyncio.Task | None = None
         self.on_exit: Callable[[str], None] | None = None  # told why, each time the trainer process ends
+        self.ready_pid: int | None = None  # the trainer process that has answered as ready to train
 
     def try_own(self) -> bool:
         """Take the trainer lock if no other API server process holds it."""
@@ -65,7 +66,8 @@ class TrainerProcess:
         logger.info("hogwild: started the training process (pid %d)", self.proc.pid)
 
     async def watch(self) -> None:
-        """Restart the trainer if it dies (with a growing pause if it keeps dying)."""
+        """Restart the trainer if it dies: after a second if it had been ready to train (or up
+        a minute), with a growing pause if it keeps dying before it gets there."""
         pause = 0.5
         while True:
             await asyncio.sleep(0.5)
@@ -76,7 +78,7 @@ class TrainerProcess:
             if self.on_exit is not None:
                 self.on_exit(reason)
             lived = time.monotonic() - self.started_at
-            pause = 1.0 if lived > 60 else min(pause * 2, 30.0)
+            pause = 1.0 if lived > 60 or self.ready_pid == self.proc.pid else min(pause * 2, 30.0)
             await asyncio.sleep(pause)
             self.restarts += 1
             self.start(restart_reason=reason)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -187,21 +189,49 @@ class Demo:
         self.plot(tok, target, before_lp, after_lp)
         (self.out / "status.json").write_text(json.dumps(status, indent=2))
 
-        self.note("## 13. Preference: three pairs flip what the served model prefers (DPO, the reference kept as numbers)")
+        self.note("## 13. A fault mid-job: kill -9 the trainer; the `wait` call still answers, with the reason")
+        self.fault(other_ctx, other)
+        self.note()
+
+        self.note("## 14. Preference: three pairs flip what the served model prefers (DPO, the reference kept as numbers)")
         self.preference(tok)
         self.note()
 
-        self.note("## 14. What an operator sees: hogwild_* on vLLM's /metrics, and `hogwild status`")
+        self.note("## 15. What an operator sees: hogwild_* on vLLM's /metrics, and `hogwild status`")
         self.operability()
         self.note()
 
-        self.note("## 15. bf16 weights: a small learning rate lands with stochastic rounding, rounds away with nearest")
+        self.note("## 16. bf16 weights: a small learning rate lands with stochastic rounding, rounds away with nearest")
         self.bf16(tok)
         self.note()
 
-        self.note("## 16. Tensor parallel 2: one trainer rank per vLLM rank, each training its own shard in place")
+        self.note("## 17. Tensor parallel 2: one trainer rank per vLLM rank, each training its own shard in place")
         self.tensor_parallel(ctx, target)
         self.note()
+
+    def fault(self, ctx: list[int], target: list[int]) -> None:
+        """A caller waits for a long job; the training process is killed under it; the next
+        trainer reads the job journal and reports the job, so the caller is answered."""
+        import threading
+
+        answer: dict = {}
+        body = {"samples": [{"context_ids": ctx, "continuation_ids": target}], "lr": 1e-6, "steps": 100000, "wait": True}
+        caller = threading.Thread(target=lambda: answer.update(self.http.post("/train", json=body).json()))
+        caller.start()
+        while not (running := self.http.get("/train/status").json().get("running")) or running["step"] < 3:
+            time.sleep(0.05)
+        pid = self.http.get("/train/status").json()["pid"]
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        completions = []
+        while caller.is_alive():  # a user of the model meanwhile
+            completions.append(self.http.post("/v1/completions", json={"model": str(self.model), "prompt": ctx,
+                                                                       "max_tokens": 4}).status_code)
+        self.note(f"    kill -9 {pid} at step {running['step']}: the waiting caller got `{answer['state']}` after "
+                  f"{time.monotonic() - killed:.1f} s: {answer['error']}")
+        status = self.http.get("/train/status").json()
+        self.note(f"    a new trainer (pid {status['pid']}, {status['state']}) answered from the job journal; meanwhile "
+                  f"{completions.count(200)} of {len(completions)} completions answered 200")
 
     def preference(self, tok) -> None:
         """Three (context, reply, reply) triples, each oriented against what the model prefers

@@ -8,7 +8,8 @@ Two kinds of use, two locks:
   forward that runs beside a job (reward-head scoring reads the trunk as it is, HOGWILD,
   like vLLM itself) takes the structure lock shared, an attach takes it exclusive for as
   long as the adapter is on; so no forward overlaps an attach, the adapter's life, or
-  its removal, and scoring still never queues behind plain training.
+  its removal, and scoring still never queues behind plain training. The reward heads'
+  trunk LoRA is no attach: hooks add it on the scoring thread only (``reward_heads.ThreadLora``).
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class ModelAccess:
     @contextmanager
     def restructuring(self) -> Iterator[torch.nn.Module]:
         """The model for code that attaches and removes adapters itself (a circuit-breaker
-        run): no reading forward runs meanwhile. Hold ``exclusive`` around it."""
+        run) or changes forward hooks: no reading forward runs meanwhile. Hold ``exclusive``
+        around it too when a job's forwards must not see the change (a peft attach)."""
         with self._structure.exclusive():
             yield self.model
 

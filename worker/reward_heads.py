@@ -4,19 +4,68 @@ restored at start-up (both or neither)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from hogwild.contracts.protocol import HeadScores, HeadScoresOp, OpError
 from hogwild.training.btrm import RewardHeads
-from hogwild.training.lora import factors_from_bytes, factors_to_bytes, load_factors
+from hogwild.training.lora import factors_from_bytes, factors_to_bytes
 
 from .model_access import ModelAccess
 
 TRUNK_LORA_R, TRUNK_LORA_ALPHA = 16, 32  # the reward heads' optional trunk LoRA
+
+
+class ThreadLora:
+    """A LoRA added to its target Linears' outputs by forward hooks, only on a thread inside
+    ``reading``: the model's structure never changes (no peft attach), so a scoring forward
+    runs beside a training job, whose forwards on other threads never see it."""
+
+    def __init__(self):
+        self._local = threading.local()
+        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+
+    def hook(self, access: ModelAccess, names: set[str]) -> None:
+        """Hooks on exactly ``names`` (plain-model module names); changed under the structure
+        lock, so no forward iterates a module's hooks meanwhile. A no-op once they are there."""
+        if set(self._hooks) == names:
+            return
+        with access.restructuring() as model:
+            for name in set(self._hooks) - names:
+                self._hooks.pop(name).remove()
+            for name in names - set(self._hooks):
+                self._hooks[name] = model.get_submodule(name).register_forward_hook(self._add(name))
+
+    def _add(self, name: str):
+        def add(module, args, out):
+            factors = getattr(self._local, "factors", None)
+            if factors is None or name not in factors:
+                return None  # another thread (a job's forward), or no LoRA: untouched
+            a, b, scaling = factors[name]
+            # peft's LoRA forward without dropout: bit for bit the scores of the attached adapter
+            return (out + F.linear(F.linear(args[0].to(a.dtype), a), b) * scaling).to(out.dtype)
+        return add
+
+    @contextmanager
+    def reading(self, access: ModelAccess, factors: dict | None) -> Iterator[torch.nn.Module]:
+        """``access.reading()`` with ``factors`` (module -> (A, B, scaling)) added on this thread."""
+        names = set(factors or ())
+        while True:
+            self.hook(access, names)
+            with access.reading() as model:
+                if names <= set(self._hooks):  # not changed by another scoring's heads meanwhile
+                    self._local.factors = factors
+                    try:
+                        yield model
+                    finally:
+                        self._local.factors = None
+                    return
 
 
 class HeadBook:
@@ -24,6 +73,8 @@ class HeadBook:
         self.heads: RewardHeads | None = None
         self.info: dict | None = None  # names, descriptions, meta-prompt, held-out accuracy, ...
         self.trunk_lora: dict | None = None  # module -> (A, B, scaling) of the heads' private trunk LoRA
+        self._lora = ThreadLora()
+        self._on_device: tuple[dict, dict] | None = None  # (trunk_lora, its factors on the model's device)
 
     def replace(self, heads: RewardHeads, info: dict, trunk_lora: dict | None) -> None:
         self.heads, self.info, self.trunk_lora = heads, info, trunk_lora
@@ -55,8 +106,8 @@ class HeadBook:
         return files
 
     def scores(self, access: ModelAccess, op: HeadScoresOp) -> HeadScores:
-        """Every wanted head at each position, from one trunk forward: beside a running job
-        (HOGWILD) unless the heads read through their trunk LoRA, which is attached for it."""
+        """Every wanted head at each position, from one trunk forward beside a running job
+        (HOGWILD); the heads' trunk LoRA, if any, is added by hooks on this thread only."""
         heads, trunk_lora = self.heads, self.trunk_lora
         if heads is None:
             raise OpError("conflict", "no reward heads have been trained on this server yet (POST /train with mode btrm)")
@@ -67,14 +118,15 @@ class HeadBook:
         if not all(0 <= p < len(op.token_ids) for p in op.positions):
             raise OpError("invalid", f"positions must be within the {len(op.token_ids)} tokens")
         device = access.device()
-        with contextlib.ExitStack() as stack, torch.no_grad():
-            if trunk_lora:
-                stack.enter_context(access.exclusive())
-                load_factors(stack.enter_context(access.adapter(r=TRUNK_LORA_R, alpha=TRUNK_LORA_ALPHA, dropout=0.0)), trunk_lora)
-                model = access.model
-            else:
-                model = stack.enter_context(access.reading())
+        factors = self._factors_on(trunk_lora, device) if trunk_lora else None
+        with self._lora.reading(access, factors) as model, torch.no_grad():
             hidden = model.base_model(input_ids=torch.tensor([op.token_ids], device=device), use_cache=False).last_hidden_state[0]
             scores = heads(hidden[torch.tensor(op.positions, device=device)].float().cpu())
         columns = [heads.names.index(h) for h in wanted]
         return HeadScores(heads=wanted, scores=[[float(row[c]) for c in columns] for row in scores.tolist()])
+
+    def _factors_on(self, trunk_lora: dict, device: torch.device) -> dict:
+        """The trunk LoRA's factors on the model's device, moved once per set of heads."""
+        if self._on_device is None or self._on_device[0] is not trunk_lora:
+            self._on_device = (trunk_lora, {n: (a.to(device), b.to(device), s) for n, (a, b, s) in trunk_lora.items()})
+        return self._on_device[1]

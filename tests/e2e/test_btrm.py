@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -11,6 +13,7 @@ from hogwild.training.btrm_corpora import write_corpora
 from hogwild.training.btrm_data import build_labelled_set
 
 from ..test_btrm import assert_positives_above_zero
+from ..waiting import wait_until
 
 pytestmark = pytest.mark.server
 
@@ -86,7 +89,9 @@ def test_btrm_requests_are_checked(served, corpora):
     assert served.arena_digest() == digest
 
 
-def test_heads_with_a_private_trunk_lora_never_touch_the_served_weights(served, corpora):
+@pytest.fixture(scope="module")
+def trunk_lora_heads(served, corpora):
+    """Heads trained with a private trunk LoRA: (config path, the job, the arena's digest before it)."""
     import yaml
 
     raw = yaml.safe_load(corpora.read_text())
@@ -96,7 +101,11 @@ def test_heads_with_a_private_trunk_lora_never_touch_the_served_weights(served, 
     digest = served.arena_digest()
     r = served.http.post("/train", json={"mode": "btrm", "config_path": str(config_path), "wait": True})
     assert r.status_code == 200, r.text
-    job = r.json()
+    return config_path, r.json(), digest
+
+
+def test_heads_with_a_private_trunk_lora_never_touch_the_served_weights(served, corpora, trunk_lora_heads):
+    config_path, job, digest = trunk_lora_heads
     assert job["state"] == "succeeded", job
     assert min(job["result"]["held_out_accuracy"].values()) > 0.7, job["result"]["held_out_accuracy"]
     assert_positives_above_zero(job["result"]["positive_scores"])
@@ -112,8 +121,43 @@ def test_heads_with_a_private_trunk_lora_never_touch_the_served_weights(served, 
     scores = {name: served.http.post("/v1/score", json={"prompt": p, "score_ranges": [[0, len(p)]], "heads": True}).json()
               ["scores"][0]["heads"] for name, p in prompts.items()}
     assert scores["ocean"]["ocean"] > scores["forest"]["ocean"] and scores["forest"]["forest"] > scores["ocean"]["forest"]
-    assert served.arena_digest() == digest  # scoring attaches and detaches it
+    assert served.arena_digest() == digest  # scoring adds it on its own thread, never to the weights
 
     target = served.state_dir / "checkpoint-with-trunk-lora"
     assert served.http.post("/checkpoint", json={"target": str(target)}).status_code == 200
     assert (target / ".hogwild" / "heads_trunk_lora.safetensors").exists()
+
+
+def test_head_scores_with_a_trunk_lora_answer_while_a_long_job_runs(served, trunk_lora_heads):
+    # The trunk LoRA is added on the scoring thread only: scoring reads beside the job
+    # (HOGWILD) instead of waiting for all of it.
+    heads = served.http.get("/train/status").json()["heads"]
+    assert heads["trunk_lora"], f"the heads lost their trunk LoRA: {heads}"
+    # ~0.5-1 s steps on 2 cores: two of them is a bound far below the whole job (30-60 s).
+    sample = {"context_ids": [(7 * i) % 1900 + 5 for i in range(400)],
+              "continuation_ids": [(11 * i) % 1900 + 5 for i in range(100)]}
+    r = served.http.post("/train", json={"samples": [sample] * 16, "micro_batch_size": 8, "lr": 1e-6, "steps": 60})
+    assert r.status_code == 200, r.text
+    job_id = r.json()["job_id"]
+    prompt = [(13 * i) % 1900 + 5 for i in range(64)]
+    latencies, steps = [], []
+    try:
+        wait_until(lambda: (info := served.http.get(f"/train/{job_id}").json())["state"] == "running" and info["step"] >= 1,
+                   timeout=300, what=f"{job_id} running its steps")
+        for _ in range(5):
+            started = time.monotonic()
+            r = served.http.post("/v1/score", json={"prompt": prompt, "score_ranges": [[0, 64]], "heads": True})
+            latencies.append(time.monotonic() - started)
+            assert r.status_code == 200, f"after {latencies[-1]:.1f} s: {r.text}"
+            assert list(r.json()["scores"][0]["heads"]) == heads["names"]
+            info = served.http.get(f"/train/{job_id}").json()
+            steps.append(info["step"])
+            assert info["state"] == "running", f"the job ended before scoring answered: {info}, latencies {latencies}"
+    finally:
+        served.http.delete(f"/train/{job_id}")  # so the module's later tests do not wait for it
+        done = wait_until(lambda: (info := served.http.get(f"/train/{job_id}").json())["state"]
+                          in ("cancelled", "succeeded", "failed") and info, timeout=300, what=f"{job_id} ending")
+    step_time = done["result"]["train_seconds"] / done["result"]["steps"]
+    print(f"step {step_time:.3f} s; head-score latencies {[round(x, 3) for x in latencies]} s at steps {steps}")
+    assert step_time >= 0.2, f"steps of {step_time:.3f} s make the bound meaningless: lengthen the samples"
+    assert max(latencies) <= 2 * step_time, f"head scoring waited: {latencies} s against steps of {step_time:.3f} s"

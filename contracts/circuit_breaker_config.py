@@ -68,7 +68,8 @@ class CBConfig(BaseModel):
     rho_pinned_steps: int = Field(20, ge=1)
     coherence_prompts: list[list[int]] | None = Field(None, description="default: the retain samples' prompts")
     coherence_tokens: int = Field(24, ge=1, le=512)
-    max_word_run: int = Field(6, ge=2, description="a word repeated this many times in a row fails coherence")
+    max_word_run: int = Field(6, ge=2, description="a word repeated this many times in a row fails coherence, "
+                              "unless the model without the adapter repeats as long on that prompt")
     min_vocab_ratio: float = Field(0.5, ge=0, le=1, description="distinct words vs. the original model's")
     seed: int = Field(0, ge=0)
 

@@ -125,6 +125,10 @@ def serving(model_dir: Path, tmp: Path, name: str, **kwargs):
 
 @pytest.fixture(scope="session")
 def served(tiny_model_dir, tiny_readout, tmp_path_factory):
+    # Priority scheduling, vLLM's dev-mode /pause and /resume, and its log of requests sent to the
+    # engine: what lets a test see that a score's priority reaches the scheduler (test_operability.py).
     with serving(tiny_model_dir, tmp_path_factory.mktemp("served"), "qwen2", dtype="float32",
-                 env={"HOGWILD_ADMIN_KEY": ADMIN_KEY, "VLLM_READOUT_VECTORS": str(tiny_readout), **LIMITS}) as handle:
+                 extra_args=["--scheduling-policy", "priority", "--enable-log-requests"],
+                 env={"HOGWILD_ADMIN_KEY": ADMIN_KEY, "VLLM_READOUT_VECTORS": str(tiny_readout), "VLLM_SERVER_DEV_MODE": "1",
+                      **LIMITS}) as handle:
         yield handle

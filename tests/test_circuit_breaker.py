@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hogwild.contracts.circuit_breaker_config import CBConfig
 from hogwild.training.chat_masks import assistant_markers, loss_mask
-from hogwild.training.circuit_breaker import CircuitBreakerTrainer, StratifiedSampler, clamp_layers
+from hogwild.training.circuit_breaker import CircuitBreakerTrainer, StratifiedSampler, clamp_layers, judge_coherence
 from hogwild.training.circuit_breaker_data import conversation, read_jsonl, synthetic_samples, write_jsonl
 from hogwild.training.lora import attached_lora, lora_factors, merge_in_place, revert_in_place
 
@@ -147,3 +147,23 @@ def test_an_over_aggressive_run_trips_and_is_rolled_back(tiny_model_dir, tokeniz
     assert factors is None and not result.mergeable
     # What is left after the rollback is the last good state, not the collapsed one.
     assert result.retain_cos_after > 0.75
+
+
+def test_coherence_blames_the_adapter_only_for_what_it_changes():
+    plain = "the cat sat on a mat and then it slept"
+    looping = "and so so so so so so on"  # "so" 6 times in a row: the limit (max_word_run 6) is 5
+    # The base model already repeats 6 times on the first prompt: the adapter, doing the same there, passes.
+    same = judge_coherence([looping, plain], [looping, plain], max_word_run=6, min_vocab_ratio=0.5)
+    assert same["passed"], same
+    assert same["longest_word_run"] == same["longest_word_run_original"] == 6
+    # A longer run than the base's own there is the adapter's doing.
+    longer = judge_coherence(["so " * 7, plain], [looping, plain], max_word_run=6, min_vocab_ratio=0.5)
+    assert not longer["passed"] and "prompt 0: a word repeats 7 times in a row (limit 5; 6 without the adapter)" in longer["reasons"]
+    # Where the base does not loop, a run at the limit fails, even if the base loops on another prompt.
+    elsewhere = judge_coherence([looping, looping], [looping, plain], max_word_run=6, min_vocab_ratio=0.0)
+    assert elsewhere["reasons"] == ["prompt 1: a word repeats 6 times in a row (limit 5; 1 without the adapter)"]
+    assert not elsewhere["passed"]
+    # Runs below the limit pass; a collapsed vocabulary does not.
+    assert judge_coherence(["so so so so so on"], [plain], max_word_run=6, min_vocab_ratio=0.0)["passed"]
+    poor = judge_coherence(["cat cat dog cat dog"], [plain], max_word_run=6, min_vocab_ratio=0.5)
+    assert not poor["passed"] and "2 distinct words against 10 without the adapter" in poor["reasons"][0]

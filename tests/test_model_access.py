@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -19,51 +18,66 @@ def _structure(model) -> set[str]:
             if name.endswith(("q_proj", "v_proj", "down_proj"))}
 
 
-@pytest.fixture
-def slow_attach(monkeypatch):
-    """peft attaches module by module; make each slow, and say when the first is in."""
-    begun = threading.Event()
-    original = lora_model.LoraModel._create_and_replace
+class Race:
+    """peft attaches a LoRA module by module. The attach stops after the first module is
+    swapped in (``begun``) and waits for the reader's answer (``read``), or for ``hold``
+    seconds when none comes (a guarded reader waits for the whole attach)."""
 
-    def slow(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        begun.set()  # one module is swapped in, the others are not yet
-        time.sleep(0.02)
-        return result
+    def __init__(self, hold: float):
+        self.begun, self.trying, self.read = threading.Event(), threading.Event(), threading.Event()
+        self.hold, self.read_during_attach = hold, None
 
-    monkeypatch.setattr(lora_model.LoraModel, "_create_and_replace", slow)
-    return begun
+    def stop_at_first_module(self, monkeypatch) -> None:
+        original = lora_model.LoraModel._create_and_replace
+
+        def first_then_wait(model, *args, **kwargs):
+            result = original(model, *args, **kwargs)
+            if not self.begun.is_set():  # one module is swapped in, the others are not yet
+                self.begun.set()
+                assert self.trying.wait(30), "the reader never started"
+                self.read_during_attach = self.read.wait(self.hold)
+            return result
+
+        monkeypatch.setattr(lora_model.LoraModel, "_create_and_replace", first_then_wait)
 
 
-def _race(access: ModelAccess, begun: threading.Event, read) -> list[set[str]]:
+def _race(access: ModelAccess, race: Race, read) -> list[set[str]]:
     seen: list[set[str]] = []
 
     def attach():
         with access.exclusive(), access.adapter(r=4, alpha=8, dropout=0.0):
-            time.sleep(0.1)
+            pass
 
     def score():
-        begun.wait(10)
+        assert race.begun.wait(30)
+        race.trying.set()
         seen.append(read())
+        race.read.set()
 
     threads = [threading.Thread(target=attach), threading.Thread(target=score)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
     return seen
 
 
-def test_unguarded_the_race_is_real(tiny_model_dir, slow_attach):
+def test_unguarded_the_race_is_real(tiny_model_dir, monkeypatch):
     # What head scoring did before: read the model while a job attaches a LoRA.
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    seen = _race(ModelAccess(model), slow_attach, lambda: _structure(model))
+    race = Race(hold=30)  # the unguarded read answers at once
+    race.stop_at_first_module(monkeypatch)
+    seen = _race(ModelAccess(model), race, lambda: _structure(model))
+    assert race.read_during_attach
     assert len(seen[0]) > 1, seen  # half plain, half LoRA: a forward now would run through both
 
 
-def test_a_scoring_forward_waits_for_the_adapter_to_be_gone(tiny_model_dir, slow_attach):
+def test_a_scoring_forward_waits_for_the_adapter_to_be_gone(tiny_model_dir, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     access = ModelAccess(model)
+    race = Race(hold=2)  # how long a read that got in would have had to answer
+    race.stop_at_first_module(monkeypatch)
 
     def read():
         with access.reading() as m, torch.no_grad():
@@ -71,8 +85,9 @@ def test_a_scoring_forward_waits_for_the_adapter_to_be_gone(tiny_model_dir, slow
             m(torch.tensor([[5, 6, 7]]))
             return structure
 
-    seen = _race(access, slow_attach, read)
-    assert seen == [{"plain"}]  # the whole model as served, never a mix
+    seen = _race(access, race, read)
+    assert race.read_during_attach is False  # it waited...
+    assert seen == [{"plain"}]  # ...for the whole model as served, never a mix
 
 
 def test_reading_does_not_wait_for_a_plain_training_job(tiny_model_dir):

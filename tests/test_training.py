@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hogwild.contracts.sft_config import SFTOptions
 from hogwild.training.batches import Sample, collate
 from hogwild.training.losses import IGNORE_INDEX, continuation_nll
-from hogwild.training.sft import SFTTrainer, plan_steps, warmup_lr
+from hogwild.training.sft import SFTTrainer, warmup_lr
+from hogwild.training.step_loop import plan_steps
 
 
 def test_continuation_nll_by_hand():
@@ -126,8 +127,31 @@ def test_non_finite_gradient_skips_the_step_and_leaves_weights_bit_identical(hf_
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_gradient_clipping_bounds_the_update(hf_model):
-    trainer = SFTTrainer(hf_model)
-    samples = [Sample((5, 6, 7), (8, 9, 10))]
-    result = trainer.run(samples, SFTOptions(lr=1e-3, steps=1, max_grad_norm=1e-6))
-    assert result.steps == 1 and result.last_grad_norm > 1e-6  # the norm is reported before clipping
+def test_gradient_clipping_bounds_the_update(tiny_model_dir):
+    """The optimizer is handed the gradient scaled down to ``max_grad_norm``, and so moves the
+    weights less than the same step unclipped."""
+
+    def one_step(max_grad_norm):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        before, trainer = weights(model), SFTTrainer(model)
+        options = SFTOptions(lr=1e-3, steps=1, max_grad_norm=max_grad_norm, eval_tokens=0)
+        trainer.prepare(options)  # the optimizer the run will use (same structure: it is kept)
+        seen = []
+        trainer.optimizer.register_step_pre_hook(lambda opt, *_: seen.append(float(torch.nn.utils.get_total_norm(
+            [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]))))
+        result = trainer.run([Sample((5, 6, 7), (8, 9, 10))], options)
+        after = weights(model)
+        moved = math.sqrt(sum(float((after[k] - before[k]).double().pow(2).sum()) for k in before))
+        return result, seen, moved
+
+    clipped, seen_clipped, moved_clipped = one_step(1e-3)
+    free, seen_free, moved_free = one_step(None)
+    assert clipped.steps == free.steps == 1
+    # The norm is reported before clipping, and is the same unclipped gradient both times.
+    assert clipped.last_grad_norm == pytest.approx(free.last_grad_norm, rel=1e-5) and clipped.last_grad_norm > 1e-2
+    assert seen_free == [pytest.approx(free.last_grad_norm, rel=1e-5)]
+    assert seen_clipped == [pytest.approx(1e-3, rel=1e-3)]  # what the optimizer stepped with
+    # Adam-like steps are near scale-free, but eps (1e-6) is not: a gradient of norm 1e-3 moves the weights
+    # ~20x less than the unclipped one (norm ~10) here.
+    assert moved_clipped < 0.1 * moved_free, (moved_clipped, moved_free)

@@ -357,9 +357,7 @@ class CircuitBreakerTrainer:
 
     def coherence(self, peft_model, retain: Sequence[CBSample], masks_of: Sequence[list[bool]]) -> dict:
         """Greedy generations on the prompt set with the adapter, against the same
-        prompts without it: no word may repeat ``max_word_run`` times in a row,
-        and the distinct words may not fall below ``min_vocab_ratio`` of the
-        original model's."""
+        prompts without it, judged by ``judge_coherence``."""
         config = self.config
         prompts = config.coherence_prompts or [_prompt_of(s.ids, m) for s, m in zip(retain[:4], masks_of[:4])]
         device = next(peft_model.parameters()).device
@@ -370,23 +368,8 @@ class CircuitBreakerTrainer:
                 adapted.append(self._generate(peft_model, ids))
                 with peft_model.disable_adapter():
                     original.append(self._generate(peft_model, ids))
-        texts = [self.tokenizer.decode(t) for t in adapted]
-        words = [w for t in texts for w in t.split()]
-        original_words = {w for t in original for w in self.tokenizer.decode(t).split()}
-        run = _longest_run([t.split() for t in texts])
-        original_run = _longest_run([self.tokenizer.decode(t).split() for t in original])
-        distinct = len(set(words))
-        reasons = []
-        if run >= config.max_word_run:
-            reasons.append(f"a word repeats {run} times in a row (limit {config.max_word_run - 1}; "
-                           f"{original_run} without the adapter)")
-        floor = config.min_vocab_ratio * len(original_words)
-        if distinct < floor:
-            reasons.append(f"{distinct} distinct words against {len(original_words)} without the adapter "
-                           f"(at least {config.min_vocab_ratio:.0%} required)")
-        return {"passed": not reasons, "reasons": reasons, "longest_word_run": run, "longest_word_run_original": original_run,
-                "distinct_words": distinct,
-                "distinct_words_original": len(original_words), "samples": texts[:4]}
+        return judge_coherence([self.tokenizer.decode(t) for t in adapted], [self.tokenizer.decode(t) for t in original],
+                               config.max_word_run, config.min_vocab_ratio)
 
     def _generate(self, model, ids: torch.Tensor) -> list[int]:
         out = []
@@ -404,14 +387,37 @@ def _prompt_of(ids: list[int], mask: list[bool]) -> list[int]:
     return ids[:first] if first > 0 else ids[: max(1, len(ids) // 2)]
 
 
-def _longest_run(sequences: list[list[str]]) -> int:
-    best = 0
-    for words in sequences:
-        run = 0
-        for i, w in enumerate(words):
-            run = run + 1 if i and w == words[i - 1] else 1
-            best = max(best, run)
+def _longest_run(words: list[str]) -> int:
+    best = run = 0
+    for i, w in enumerate(words):
+        run = run + 1 if i and w == words[i - 1] else 1
+        best = max(best, run)
     return best
+
+
+def judge_coherence(texts: Sequence[str], original_texts: Sequence[str], max_word_run: int, min_vocab_ratio: float) -> dict:
+    """The adapter's generations (``texts``) against the base model's on the same prompts
+    (``original_texts``, one each). The adapter is judged by what it changes: on a prompt
+    where the base itself repeats a word ``max_word_run`` times or more in a row, the
+    adapter fails only by a longer run there; elsewhere a run of ``max_word_run`` fails.
+    The distinct words may not fall below ``min_vocab_ratio`` of the base's."""
+    runs = [_longest_run(t.split()) for t in texts]
+    original_runs = [_longest_run(t.split()) for t in original_texts]
+    reasons = []
+    for i, (run, original_run) in enumerate(zip(runs, original_runs)):
+        allowed = max(max_word_run - 1, original_run)  # the base's own run is not the adapter's doing
+        if run > allowed:
+            reasons.append(f"prompt {i}: a word repeats {run} times in a row (limit {max_word_run - 1}; "
+                           f"{original_run} without the adapter)")
+    words = [w for t in texts for w in t.split()]
+    original_words = {w for t in original_texts for w in t.split()}
+    distinct = len(set(words))
+    if distinct < min_vocab_ratio * len(original_words):
+        reasons.append(f"{distinct} distinct words against {len(original_words)} without the adapter "
+                       f"(at least {min_vocab_ratio:.0%} required)")
+    return {"passed": not reasons, "reasons": reasons, "longest_word_run": max(runs, default=0),
+            "longest_word_run_original": max(original_runs, default=0), "distinct_words": distinct,
+            "distinct_words_original": len(original_words), "samples": list(texts[:4])}
 
 
 def _value(t: torch.Tensor) -> float:

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from ..conftest import ADMIN_KEY, API_KEY
+from ..waiting import wait_idle, wait_job
 
 pytestmark = pytest.mark.server
 
@@ -93,20 +94,11 @@ def test_a_job_that_cannot_fit_in_memory_is_refused_before_it_starts(served):
     assert served.arena_digest() == digest
 
 
-def wait_state(served, job_id, states, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = served.http.get(f"/train/{job_id}").json()
-        if info["state"] in states:
-            return info
-        time.sleep(0.05)
-    raise AssertionError(f"{job_id} never reached {states}: {info}")
-
-
 def test_queue_limit_then_cancellation(served):
+    wait_idle(served)  # the queue below is this test's alone
     long = {"samples": [SAMPLE], "lr": 1e-6, "steps": 5000}
     running = served.http.post("/train", json=long).json()
-    wait_state(served, running["job_id"], ("running",))
+    wait_job(served, running["job_id"], ("running",))
     queued = [served.http.post("/train", json=long).json() for _ in range(4)]
     assert all(q["state"] == "queued" for q in queued)
     r = served.http.post("/train", json=long)
@@ -118,7 +110,7 @@ def test_queue_limit_then_cancellation(served):
         assert r.status_code == 200 and r.json()["state"] == "cancelled"
     r = served.http.delete(f"/v1/train/{running['job_id']}")
     assert r.status_code == 200
-    done = wait_state(served, running["job_id"], ("cancelled",))
+    done = wait_job(served, running["job_id"], ("cancelled",))
     assert 0 < done["result"]["steps"] < 5000 and done["result"]["stopped_early"]
     # Ended jobs cannot be cancelled; unknown ones do not exist.
     assert served.http.delete(f"/train/{running['job_id']}").status_code == 409

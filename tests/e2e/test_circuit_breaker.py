@@ -4,13 +4,13 @@ and not on retain ones, and reverted bit for bit."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from transformers import AutoTokenizer
 
 from hogwild.training.chat_masks import assistant_markers, assistant_spans
 from hogwild.training.circuit_breaker_data import synthetic_samples, write_jsonl
+
+from ..waiting import wait_idle
 
 pytestmark = pytest.mark.server
 
@@ -25,15 +25,6 @@ def tokenizer(served):
 @pytest.fixture(scope="module")
 def samples(tokenizer):
     return synthetic_samples(tokenizer, 16, 16)
-
-
-def _idle(served) -> None:
-    for _ in range(600):
-        status = served.http.get("/train/status").json()
-        if status["running"] is None and not status["queue"]:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the trainer did not fall idle")
 
 
 def _reply_logprobs(served, tokenizer, samples) -> list[float]:
@@ -56,7 +47,7 @@ def test_revert_with_nothing_merged_is_a_conflict(served):
 def test_circuit_breaker_merges_changes_harmful_only_and_reverts_exactly(served, tokenizer, samples):
     harmful = [s for s in samples if s.split == "harmful"][:6]
     retain = [s for s in samples if s.split == "retain"][:6]
-    _idle(served)
+    wait_idle(served)
     digest = served.arena_digest()
     before = {"harmful": _reply_logprobs(served, tokenizer, harmful), "retain": _reply_logprobs(served, tokenizer, retain)}
 
@@ -64,34 +55,40 @@ def test_circuit_breaker_merges_changes_harmful_only_and_reverts_exactly(served,
                                          "samples": [s.model_dump(exclude_none=True) for s in samples]})
     assert r.status_code == 200, r.text
     job = r.json()
-    assert job["state"] == "succeeded" and job["mode"] == "circuit_breaker", job
-    result = job["result"]
-    assert result["merged"] and result["harmful_cos_after"] < 0.2 and result["coherence"]["passed"]
-    assert served.arena_digest() != digest  # merged into the very weights vLLM computes with
+    reverted = False
+    try:
+        assert job["state"] == "succeeded" and job["mode"] == "circuit_breaker", job
+        result = job["result"]
+        assert result["merged"] and result["harmful_cos_after"] < 0.2 and result["coherence"]["passed"]
+        assert served.arena_digest() != digest  # merged into the very weights vLLM computes with
 
-    after = {"harmful": _reply_logprobs(served, tokenizer, harmful), "retain": _reply_logprobs(served, tokenizer, retain)}
-    shift = {k: sum(abs(a - b) for a, b in zip(after[k], before[k])) / len(before[k]) for k in before}
-    assert shift["harmful"] > 3 * shift["retain"], shift  # ~8x here
-    assert shift["retain"] < 0.25, shift
+        after = {"harmful": _reply_logprobs(served, tokenizer, harmful), "retain": _reply_logprobs(served, tokenizer, retain)}
+        shift = {k: sum(abs(a - b) for a, b in zip(after[k], before[k])) / len(before[k]) for k in before}
+        assert shift["harmful"] > 3 * shift["retain"], shift  # ~8x here
+        assert shift["retain"] < 0.25, shift
 
-    adapters = served.http.get("/train/status").json()["adapters"]
-    assert adapters[-1]["job_id"] == job["job_id"] and adapters[-1]["reverted_at"] is None
-    assert adapters[-1]["summary"]["lora_layers"] == [0, 1]
+        adapters = served.http.get("/train/status").json()["adapters"]
+        assert adapters[-1]["job_id"] == job["job_id"] and adapters[-1]["reverted_at"] is None
+        assert adapters[-1]["summary"]["lora_layers"] == [0, 1]
 
-    r = served.http.post("/train/revert", json={"job_id": job["job_id"], "wait": True})
-    assert r.status_code == 200, r.text
-    assert r.json()["state"] == "succeeded" and r.json()["result"] == {"reverted": job["job_id"], "exact": True, "note": None}
-    assert served.arena_digest() == digest  # bit for bit
-    assert _reply_logprobs(served, tokenizer, harmful) == pytest.approx(before["harmful"], abs=1e-4)
-    adapters = served.http.get("/train/status").json()["adapters"]
-    assert adapters[-1]["reverted_at"] is not None and adapters[-1]["revert_exact"] is True
+        r = served.http.post("/train/revert", json={"job_id": job["job_id"], "wait": True})
+        reverted = r.status_code == 200
+        assert r.status_code == 200, r.text
+        assert r.json()["state"] == "succeeded" and r.json()["result"] == {"reverted": job["job_id"], "exact": True, "note": None}
+        assert served.arena_digest() == digest  # bit for bit
+        assert _reply_logprobs(served, tokenizer, harmful) == pytest.approx(before["harmful"], abs=1e-4)
+        adapters = served.http.get("/train/status").json()["adapters"]
+        assert adapters[-1]["reverted_at"] is not None and adapters[-1]["revert_exact"] is True
+    finally:  # the shared server goes on without this adapter, whatever failed
+        if not reverted and (job.get("result") or {}).get("merged"):
+            served.http.post("/train/revert", json={"job_id": job["job_id"], "wait": True})
 
 
 def test_an_over_aggressive_run_is_rolled_back_and_never_merged(served, samples):
     """alpha 10 without guards collapses the retain representations: the tripwire
     stops it and the served weights stay as they were."""
     dataset = write_jsonl(samples, served.state_dir / "cb" / "samples.jsonl")
-    _idle(served)
+    wait_idle(served)
     digest = served.arena_digest()
     r = served.http.post("/train", json={"mode": "circuit_breaker", "wait": True, "dataset_path": str(dataset),
                                          "config": {**CONFIG, "alpha_max": 10, "guards": False}})

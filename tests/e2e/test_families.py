@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 import torch
@@ -21,7 +20,8 @@ from hogwild.training.circuit_breaker_data import synthetic_samples
 from hogwild.worker.parity import compare
 
 from ..conftest import ADMIN_KEY, LIMITS, serving, train_readout_vectors
-from .test_readout import ask, check, current_set, wait_idle
+from ..waiting import wait_idle, wait_new_trainer
+from .test_readout import ask, check, current_set
 
 pytestmark = pytest.mark.server
 
@@ -108,6 +108,7 @@ def test_training_reaches_a_target(family):
 
 
 def test_a_checkpoint_loads_in_transformers_and_scores_as_vllm_serves(family):
+    train(family, [5, 6, 7], [8, 9], lr=1e-3, steps=1)  # something to write, whatever ran before
     r = family.http.post("/checkpoint", json={})
     assert r.status_code == 200, r.text
     assert r.json()["blocks_written"] > 0
@@ -163,9 +164,9 @@ def test_the_parity_gate_refuses_a_wrong_mapping_and_changes_nothing(family):
     digest = family.arena_digest()
 
     def restart_trainer() -> dict:
-        os.kill(family.http.get("/train/status").json()["pid"], signal.SIGKILL)
-        time.sleep(1.0)
-        return family.server.wait_trainer()
+        old = family.http.get("/train/status").json()
+        os.kill(old["pid"], signal.SIGKILL)
+        return wait_new_trainer(family, old["trainer_id"])
 
     try:
         status = restart_trainer()

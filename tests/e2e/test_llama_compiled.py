@@ -4,7 +4,6 @@ chunks long prompts and a KV cache small enough to preempt requests."""
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,6 +14,7 @@ from transformers import AutoTokenizer
 from hogwild.contracts.protocol import TokenLogprobsOp
 
 from ..conftest import serving, train_readout_vectors
+from ..waiting import wait_until
 from .test_readout import TOLERANCE, ask, check, concurrent_mix, current_set, wait_idle
 from .test_spine import hf_model_with_served_weights, train, vllm_position_logprobs
 
@@ -97,11 +97,9 @@ def test_two_api_servers_report_one_consistent_set_of_metrics(llama):
     before = scrapes[0]
     train(llama, [{"context_ids": [5, 6, 7], "continuation_ids": [8, 9, 10]}], lr=1e-4, steps=3)
     submitted = 'hogwild_jobs_submitted_total{mode="sft"}'
-    for _ in range(20):  # the process that owns the trainer publishes on the job's event: a moment later at most
-        after = hogwild_metrics(llama.server.url, llama.server.headers())
-        if after.get("hogwild_optimizer_steps_total", 0) > before.get("hogwild_optimizer_steps_total", 0):
-            break
-        time.sleep(0.25)
+    # The process that owns the trainer publishes on the job's event: a moment later at most.
+    after = wait_until(lambda: (m := hogwild_metrics(llama.server.url, llama.server.headers())).get(
+        "hogwild_optimizer_steps_total", 0) > before.get("hogwild_optimizer_steps_total", 0) and m, 60, "the job's metrics")
     assert after[submitted] == before.get(submitted, 0) + 1
     assert after["hogwild_optimizer_steps_total"] == before.get("hogwild_optimizer_steps_total", 0) + 3
     assert after["hogwild_weights_version"] > before["hogwild_weights_version"]

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 
+import httpx
 import pytest
 from PIL import Image
 
 from hogwild.cli import main as cli
 
+from ..waiting import wait_idle, wait_until
 from .test_bad_input import check_rejected
 from .test_llama_compiled import hogwild_metrics
 
@@ -29,6 +32,52 @@ def test_a_score_with_a_priority_answers_the_same_totals(served):
     urgent, background = (served.http.post("/v1/score", json={**body, "priority": p}) for p in (-5, 10))
     assert plain.status_code == urgent.status_code == background.status_code == 200, (urgent.text, background.text)
     assert urgent.json() == plain.json() == background.json()
+
+
+def _scores_sent_to_the_engine(served) -> int:
+    """Score requests vLLM has handed to its engine (its log, from --enable-log-requests)."""
+    return served.server.log_path.read_text(errors="replace").count("Added request hogwild-score-")
+
+
+def test_a_score_priority_orders_the_engine_queue(served):
+    """The server runs `--scheduling-policy priority`. With the engine paused (vLLM's dev-mode
+    /pause: requests queue, none runs), two dozen background scores reach the engine, then one
+    urgent score; on /resume the scheduler admits by priority, about four 480-token prompts per
+    step (2048 tokens). The urgent one is answered among the first; were its priority dropped,
+    it would be admitted last, first come first served."""
+    n_background, length = 24, 480
+    answered: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def score(label: str, first_token: int, priority: int) -> None:
+        prompt = [5 + (first_token + i) % 200 for i in range(length)]  # distinct prompts
+        with httpx.Client(base_url=served.server.url, headers=served.server.headers(), timeout=300) as http:
+            r = http.post("/v1/score", json={"prompt": prompt, "score_ranges": [[1, length]], "priority": priority})
+        with lock:
+            answered.append((label, r.status_code))
+
+    sent = _scores_sent_to_the_engine(served)
+    r = served.http.post("/pause", params={"mode": "keep", "clear_cache": "false"})
+    assert r.status_code == 200, r.text
+    threads = [threading.Thread(target=score, args=(f"background-{i}", i, 10)) for i in range(n_background)]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: _scores_sent_to_the_engine(served) >= sent + n_background, 60,
+                   "the background scores reaching the engine")
+        threads.append(threading.Thread(target=score, args=("urgent", n_background, -5)))
+        threads[-1].start()
+        wait_until(lambda: _scores_sent_to_the_engine(served) >= sent + n_background + 1, 60,
+                   "the urgent score reaching the engine")
+        assert not answered  # paused: none ran
+    finally:  # /resume reaches the engine after every request above (one channel, in order)
+        assert served.http.post("/resume").status_code == 200
+        for t in threads:
+            t.join(300)
+    assert sorted(code for _, code in answered) == [200] * (n_background + 1), answered
+    order = [label for label, _ in answered]
+    # Admitted in the first step, with at most ~4 background ones; last, were priority ignored.
+    assert order.index("urgent") <= n_background // 3, f"the urgent score was answered after {order.index('urgent')}: {order}"
 
 
 SCORE = {"prompt": [5, 6, 7], "score_ranges": [[0, 3]]}
@@ -53,6 +102,7 @@ def test_bad_score_input_is_refused_and_changes_nothing(served, case):
 
 
 def test_metrics_show_a_job_the_tokens_and_the_new_weights(served, capsys):
+    wait_idle(served)  # no job of an earlier test changes the counters meanwhile
     headers = served.server.headers()
     before = hogwild_metrics(served.server.url, headers)
     status_before = served.http.get("/train/status").json()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from hogwild.readout.vectors import load_vector_set, save_vector_set, unit_vector_set
 
 from ..conftest import REPO, start_served
+from ..waiting import wait_idle  # readouts are compared with a copy of the weights: no job may change them meanwhile
 from .test_spine import hf_model_with_served_weights
 
 pytestmark = pytest.mark.server
@@ -38,16 +38,6 @@ def hf_readout(model, vector_set, ids: list[int]) -> torch.Tensor:
         for h in hooks:
             h.remove()
     return torch.stack([captured[layer].float() @ vector_set.vectors[layer].T for layer in vector_set.layers], dim=1)
-
-
-def wait_idle(handle) -> None:
-    """Readouts are compared with a copy of the weights: no job may change them meanwhile."""
-    for _ in range(600):
-        status = handle.http.get("/train/status").json()
-        if status.get("running") is None and not status.get("queue"):
-            return
-        time.sleep(0.5)
-    raise AssertionError("the trainer did not fall idle")
 
 
 def current_set(handle):

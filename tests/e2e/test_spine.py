@@ -16,6 +16,8 @@ from hogwild.contracts.manifest import read_manifest
 from hogwild.contracts.protocol import TokenLogprobsOp
 from hogwild.worker.views import map_tensors, served_views
 
+from ..waiting import wait_job, wait_new_trainer
+
 pytestmark = pytest.mark.server
 
 
@@ -112,11 +114,7 @@ def test_a_job_without_wait_returns_its_id_at_once_and_reports_progress(served, 
     assert r.status_code == 200, r.text
     job = r.json()
     assert job["state"] in ("queued", "running") and job["job_id"].startswith("job-")
-    deadline = time.monotonic() + 120
-    while job["state"] in ("queued", "running"):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-        job = served.http.get(f"/train/{job['job_id']}").json()
+    job = wait_job(served, job["job_id"])
     assert job["state"] == "succeeded" and job["step"] == job["total_steps"] == 20
     status = served.http.get("/v1/train/status").json()
     recent = {j["job_id"]: j for j in status["recent"]}
@@ -133,10 +131,9 @@ def test_inference_keeps_running_while_a_job_trains(served, tok):
     # An op that needs the model waits for the job; nothing else may wait with it.
     model_op = threading.Thread(target=served.trainer_call, args=(TokenLogprobsOp(token_ids=ctx),))
     completions_during, status_while_model_op_waits = 0, 0
-    while True:
-        state = served.http.get(f"/train/{job_id}").json()["state"]
-        if state not in ("queued", "running"):
-            break
+    deadline = time.monotonic() + 300
+    while (state := served.http.get(f"/train/{job_id}").json()["state"]) in ("queued", "running"):
+        assert time.monotonic() < deadline, f"the job is still {state}"
         if state == "running":
             if not model_op.is_alive() and completions_during == 0:
                 model_op.start()
@@ -177,13 +174,8 @@ def test_a_sample_id_is_trained_once_and_the_ledger_survives_a_trainer_restart(s
 
     old = served.http.get("/train/status").json()
     os.kill(old["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 120
-    while True:
-        assert time.monotonic() < deadline, "the trainer did not come back"
-        time.sleep(0.5)
-        status = served.http.get("/train/status").json()
-        if status.get("state") == "ready" and status["trainer_id"] != old["trainer_id"]:
-            break
+    status = wait_new_trainer(served, old["trainer_id"])
+    assert status["state"] == "ready", status
     assert status["server"]["trainer_restarts"] >= 1
     assert train(served, [sample], lr=1e-4, steps=2)["skipped_ids"] == [sample["id"]]
     assert served.arena_digest() == digest

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from hogwild.training.circuit_breaker_data import synthetic_samples
 from hogwild.worker.views import map_tensors, served_views
 
 from ..conftest import serving, train_readout_vectors
+from ..waiting import wait_job, wait_new_trainer
 from .test_readout import TOLERANCE, ask, check
 from .test_spine import train, vllm_position_logprobs
 
@@ -245,19 +245,11 @@ def test_a_dead_trainer_rank_fails_its_job_and_the_ranks_restart(tp2):
     r = tp2.http.post("/train", json={"samples": samples, "lr": 1e-5, "steps": 2000, "micro_batch_size": 1})
     assert r.status_code == 200, r.text
     job = r.json()
-    deadline = time.monotonic() + 60
-    while tp2.http.get(f"/train/{job['job_id']}").json()["state"] != "running" and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_job(tp2, job["job_id"], ("running",), 60)
     os.kill(follower, signal.SIGKILL)
-    while (info := tp2.http.get(f"/train/{job['job_id']}").json()).get("state") in ("queued", "running", None):
-        assert time.monotonic() < deadline, info
-        time.sleep(0.2)
+    info = wait_job(tp2, job["job_id"], ("succeeded", "failed", "cancelled"), 60)
     assert info["state"] == "failed" and "tensor-parallel trainer rank 1 was killed by SIGKILL" in info["error"], info
     assert len(tp2.complete([5, 6, 7], 4)) == 4  # inference never waits for the trainer
-    deadline = time.monotonic() + 120
-    while (status := tp2.http.get("/train/status").json()).get("trainer_id") in (None, job["trainer_id"]) \
-            or status["state"] != "ready":  # a new trainer, with new ranks
-        assert time.monotonic() < deadline, status
-        time.sleep(0.5)
-    assert status["tensor_parallel"]["ranks"][1]["pid"] != follower, status
+    status = wait_new_trainer(tp2, job["trainer_id"])  # a new trainer, with new ranks
+    assert status["state"] == "ready" and status["tensor_parallel"]["ranks"][1]["pid"] != follower, status
     assert train(tp2, samples[:1], lr=1e-5, steps=1)["result"]["steps"] == 1

@@ -107,7 +107,12 @@ def start_served(model_dir: Path, tmp: Path, name: str, env: dict | None = None,
                         env={"HOGWILD_SESSION_DIR": str(session), "HOGWILD_STATE_DIR": str(state_dir), **(env or {})}, **kwargs)
     server.start(timeout=600)
     if wait_trainer:
-        server.wait_trainer()
+        try:
+            server.wait_trainer()
+        except BaseException:  # a server whose trainer never came up must not outlive the test
+            server.stop()
+            shutil.rmtree(session, ignore_errors=True)
+            raise
     return server, Served(server, model_dir, session, state_dir)
 
 

@@ -11,6 +11,7 @@ still completes.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from transformers import AutoTokenizer
 
 from hogwild.training.circuit_breaker_data import synthetic_samples
 from tests.conftest import ADMIN_KEY, LIMITS, serving
+from tests.waiting import wait_new_trainer, wait_until
 
 pytestmark = pytest.mark.server
 
@@ -183,3 +185,29 @@ def test_no_job_was_lost(fx):
     for job_id, state in answered.items():
         r = fx.http.get(f"/train/{job_id}")
         assert r.status_code == 200 and r.json()["state"] == state, (job_id, r.text)
+
+
+def test_an_unreadable_journal_record_is_kept_aside_and_reported(fx, capsys):
+    """A record written by another contracts version: the next trainer sets it aside with
+    its reason, and status, /metrics and `hogwild status` name it; the other jobs stay."""
+    import signal
+
+    from hogwild.cli import main as cli
+    from tests.e2e.test_llama_compiled import hogwild_metrics
+
+    status = fx.ready()
+    jobs = fx.served.state_dir / "jobs"
+    (jobs / "job-from-the-future.json").write_text('{"job_id": "job-from-the-future", "state": "teleported"}')
+    before = hogwild_metrics(fx.served.server.url, fx.served.server.headers()).get("hogwild_journal_unreadable_total", 0.0)
+    os.kill(status["pid"], signal.SIGKILL)
+    status = wait_new_trainer(fx.served, status["trainer_id"])
+    (record,) = status["journal"]["unreadable"]
+    assert record["file"] == "job-from-the-future.json" and "ValidationError" in record["reason"]
+    assert (jobs / "unreadable" / "job-from-the-future.json").exists() and not (jobs / "job-from-the-future.json").exists()
+    wait_until(lambda: hogwild_metrics(fx.served.server.url, fx.served.server.headers())
+               .get("hogwild_journal_unreadable_total", 0.0) == before + 1, 30, "the metric counting it")
+    cli(["status", fx.served.server.url, "--api-key", fx.served.server.api_key])
+    printed = capsys.readouterr().out
+    assert "unreadable journal records" in printed and "job-from-the-future.json" in printed and "ValidationError" in printed
+    for job_id, state in answered.items():  # the readable records are all still there
+        assert fx.http.get(f"/train/{job_id}").json()["state"] == state

@@ -241,3 +241,69 @@ def test_wait_passes_on_what_is_not_a_restart():
     with pytest.raises(ApiError) as missing:
         asyncio.run(frontend(trainer).wait("job-1"))
     assert missing.value.status == 404
+
+
+# ---- the one guard around every job -----------------------------------------
+
+
+def service_with_a_job(tmp_path, op):
+    from hogwild.worker.service import TrainerService
+
+    service = TrainerService(tmp_path / "session", tmp_path / "state")
+    service.state = "ready"
+    service.jobs.add(op, 0, [])
+    return service, service.jobs.next(lambda: False)
+
+
+def finished_event(service):
+    client, event = service.outbox.get_nowait()
+    assert client is None and event.event == "job_finished"
+    return event.job
+
+
+def test_whatever_a_kind_raises_ends_the_job_failed_with_its_type_and_message(tmp_path, monkeypatch):
+    from hogwild.contracts.jobs import SubmitRevertOp
+    from hogwild.worker.kinds import KINDS
+
+    def broken(service, job):
+        raise AttributeError("'NoneType' object has no attribute 'optimizer'")
+
+    monkeypatch.setattr(KINDS[SubmitRevertOp], "run", broken)
+    service, job = service_with_a_job(tmp_path, SubmitRevertOp())
+    service._run(job)
+    ended = finished_event(service)
+    assert ended.state == "failed" and ended.error == "AttributeError: 'NoneType' object has no attribute 'optimizer'"
+    assert service.jobs.running is None and json.loads((tmp_path / "state" / "jobs" / f"{ended.job_id}.json").read_text())[
+        "state"] == "failed"
+    # The job thread goes on: the next job runs (revert's own refusal: nothing is merged).
+    monkeypatch.undo()
+    service.jobs.add(SubmitRevertOp(), 0, [])
+    service._run(service.jobs.next(lambda: False))
+    assert "no circuit-breaker adapter" in finished_event(service).error
+
+
+def test_a_job_recovered_while_the_model_failed_to_load_is_answered(tmp_path):
+    service, job = service_with_a_job(tmp_path, sft())
+    service.state, service.reason = "failed", "could not build the training model: OSError: no weights"
+    assert service.trainer is None
+    service._run(job)
+    ended = finished_event(service)
+    assert ended.state == "failed" and "could not build the training model" in ended.error
+
+
+def test_a_journal_that_fails_at_the_end_fails_the_job_and_still_answers(tmp_path, monkeypatch):
+    from hogwild.contracts.jobs import SubmitRevertOp
+
+    service, job = service_with_a_job(tmp_path, SubmitRevertOp())
+    real_save = service.jobs.journal.save
+
+    def full_disk(info, durable=True):
+        if info.done:
+            raise OSError(28, "No space left on device")
+        real_save(info, durable)
+
+    monkeypatch.setattr(service.jobs.journal, "save", full_disk)
+    service._run(job)
+    ended = finished_event(service)
+    assert ended.state == "failed" and "its end could not be journaled (OSError" in ended.error
+    assert "it had ended failed: no circuit-breaker adapter" in ended.error and service.jobs.running is None

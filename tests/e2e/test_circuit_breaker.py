@@ -1,6 +1,11 @@
 """Circuit-breaker LoRA on real `vllm serve`: trained on the live model, merged
 into the served weights, visible in vLLM's log-probabilities on harmful prompts
-and not on retain ones, and reverted bit for bit."""
+and not on retain ones, and reverted bit for bit.
+
+On a server of its own, with the tiny model as built: what the merge changes (harmful
+against retain replies, the coherence check against the base's own generations)
+depends on the model it starts from, and the shared server's model has been trained
+by every module before this one."""
 
 from __future__ import annotations
 
@@ -10,11 +15,19 @@ from transformers import AutoTokenizer
 from hogwild.training.chat_masks import assistant_markers, assistant_spans
 from hogwild.training.circuit_breaker_data import synthetic_samples, write_jsonl
 
+from ..conftest import ADMIN_KEY, LIMITS, serving
 from ..waiting import wait_idle
 
 pytestmark = pytest.mark.server
 
 CONFIG = {"lr": 5e-4, "steps": 80}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, tmp_path_factory):
+    with serving(tiny_model_dir, tmp_path_factory.mktemp("cb"), "cb", dtype="float32",
+                 env={"HOGWILD_ADMIN_KEY": ADMIN_KEY, **LIMITS}) as handle:
+        yield handle
 
 
 @pytest.fixture(scope="module")

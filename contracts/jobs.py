@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .btrm_config import BTRMConfig
 from .circuit_breaker_config import CBConfig, CBSample
 from .preference_config import PreferenceOptions
+from .rl_config import RLOptions
 from .sft_config import SFTOptions, count_steps
 
 TokenId = Annotated[int, Field(ge=0)]
@@ -240,5 +241,65 @@ class SubmitPreferenceOp(JobRequestBase):
         return count_steps(len(self.samples), self.options)
 
 
-JOB_REQUESTS = (SubmitOp, SubmitBTRMOp, SubmitCircuitBreakerOp, SubmitRevertOp, SubmitReadoutOp, SubmitPreferenceOp)
+Logprob = Annotated[float, Field(le=0, allow_inf_nan=False)]
+
+
+class RLSample(BaseModel):
+    """A completion the server sampled, as token ids, with the log-probability the sampling
+    engine gave each of its tokens (``/v1/completions`` with ``logprobs`` and
+    ``return_token_ids``), and its reward within a group of completions of the same prompt,
+    or its advantage."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    context_ids: list[TokenId] = Field(min_length=1, description="the prompt (no loss)")
+    completion_ids: list[TokenId] = Field(min_length=1, description="the sampled completion")
+    logprobs: list[Logprob] = Field(min_length=1, description="the engine's log-probability of each completion token")
+    reward: float | None = Field(None, allow_inf_nan=False, description="compared within its group for the advantage")
+    group: str | None = Field(None, min_length=1, max_length=256, description="the completions compared with each other "
+                              "(those of one prompt)")
+    advantage: float | None = Field(None, allow_inf_nan=False, description="instead of reward and group")
+    id: str | None = Field(None, min_length=1, max_length=256, description="dedup key: a sample already trained is skipped")
+    weights_version: int | None = Field(None, ge=0, description="the weights' version the completion was sampled at")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RLSample":
+        if len(self.logprobs) != len(self.completion_ids):
+            raise ValueError(f"logprobs has {len(self.logprobs)} numbers for {len(self.completion_ids)} completion tokens: "
+                             "give one per token")
+        if self.advantage is not None:
+            if self.reward is not None or self.group is not None:
+                raise ValueError("give advantage, or reward and group, not both")
+        elif self.reward is None or self.group is None:
+            raise ValueError("give reward and group (the completions it is compared with), or advantage")
+        return self
+
+
+class SubmitRLOp(JobRequestBase):
+    """Policy-gradient training (``mode: rl``) of the served weights, in place, on completions
+    the server sampled: the trainer's log-probabilities as the job starts are the ratio's
+    reference and the KL's, computed once and kept as numbers (``training.rl``)."""
+
+    op: Literal["submit_rl"] = "submit_rl"
+    mode: Literal["rl"] = "rl"
+    samples: list[RLSample] = Field(min_length=1)
+    options: RLOptions = RLOptions()
+
+    def sample_count(self) -> int:
+        return len(self.samples)
+
+    def token_lists(self):
+        for i, s in enumerate(self.samples):
+            yield f"samples.{i}.context_ids", s.context_ids
+            yield f"samples.{i}.completion_ids", s.completion_ids
+
+    def sequence_lengths(self):
+        for i, s in enumerate(self.samples):
+            yield f"samples.{i}: context + completion", len(s.context_ids) + len(s.completion_ids)
+
+    def planned_steps(self) -> int:
+        return count_steps(len(self.samples), self.options)
+
+
+JOB_REQUESTS = (SubmitOp, SubmitBTRMOp, SubmitCircuitBreakerOp, SubmitRevertOp, SubmitReadoutOp, SubmitPreferenceOp,
+                SubmitRLOp)
 JobRequest = Annotated[Union[JOB_REQUESTS], Field(discriminator="op")]

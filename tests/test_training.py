@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hogwild.contracts.sft_config import SFTOptions
 from hogwild.training.batches import Sample, collate
 from hogwild.training.losses import IGNORE_INDEX, continuation_nll
-from hogwild.training.sft import SFTTrainer, plan_steps, warmup_lr
+from hogwild.training.sft import SFTTrainer, warmup_lr
+from hogwild.training.step_loop import plan_steps
 
 
 def test_continuation_nll_by_hand():

@@ -33,12 +33,17 @@ def continuation_nll(logits: torch.Tensor, labels: torch.Tensor, token_weights: 
     return (nll * w).sum() / total_w.clamp_min(torch.finfo(torch.float32).tiny), total_w
 
 
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, nll=token_nll) -> torch.Tensor:
+    """The log-probability of each labelled token, (batch, seq); 0 where no token counts.
+    ``logits``/``labels`` as in ``continuation_nll`` (labels shifted, ``IGNORE_INDEX`` elsewhere)."""
+    mask = labels != IGNORE_INDEX
+    logp = -nll(logits.reshape(-1, logits.shape[-1]), labels.clamp_min(0).reshape(-1)).reshape(labels.shape)
+    return logp * mask
+
+
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, nll=token_nll) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-probability of its labelled tokens, and how many there are.
 
-    ``logits``/``labels`` as in ``continuation_nll`` (labels shifted, ``IGNORE_INDEX`` where
-    no token counts). Returns ``(sum log p, n_tokens)``, each of shape (batch,).
+    ``logits``/``labels`` as in ``continuation_nll``. Returns ``(sum log p, n_tokens)``, each of shape (batch,).
     """
-    mask = labels != IGNORE_INDEX
-    logp = -nll(logits.reshape(-1, logits.shape[-1]), labels.clamp_min(0).reshape(-1)).reshape(labels.shape)
-    return (logp * mask).sum(-1), mask.sum(-1)
+    return token_logprobs(logits, labels, nll).sum(-1), (labels != IGNORE_INDEX).sum(-1)

@@ -5,15 +5,16 @@ only (``preference_losses``: DPO, IPO, DPOP, ORPO, SimPO as plain functions of t
 log-probabilities). The reference policy is the served model as the job starts: before the
 first step its log-probabilities of both replies are computed once, with the same model and no
 gradient, and only those numbers are kept (or the client's, when it sent them). The steps are
-the server's one optimizer's (``SFTTrainer.prepare``/``step``), so the rounding of bf16 updates,
-clipping and the refusal of non-finite steps are SFT's.
+the shared step loop's (``step_loop``) with the server's one optimizer, so the rounding of bf16
+updates, clipping and the refusal of non-finite steps are SFT's; preference is a loss on it
+(``PairwiseLoss``).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -22,7 +23,8 @@ from hogwild.contracts.preference_config import PreferenceOptions
 from .batches import Sample, collate
 from .losses import sequence_logprobs
 from .preference_losses import NEEDS_REFERENCE, PairLoss, dpo_loss, dpop_loss, ipo_loss, metrics, orpo_loss, simpo_loss
-from .sft import HISTORY, SFTTrainer, plan_steps
+from .sft import SFTTrainer
+from .step_loop import StepsResult, evaluation_items, run_steps
 
 
 @dataclass(frozen=True)
@@ -37,30 +39,16 @@ class Pair:
 
 
 @dataclass
-class PreferenceResult:
+class PreferenceResult(StepsResult):
+    """What a job did; ``tokens`` counts every token of both sequences of each pair trained,
+    and ``history`` adds each step's rewards/margins, rewards/accuracies, ... (TRL's)."""
+
     objective: str = "dpo"
-    steps: int = 0
-    steps_skipped: int = 0
-    skip_reasons: list[str] = field(default_factory=list)
-    last_loss: float | None = None
-    last_grad_norm: float | None = None
-    tokens: int = 0  # every token of both sequences of each pair trained
-    train_seconds: float = 0.0
-    tokens_per_s: float = 0.0
     reference: str = "none"  # served model at the job's start | given by the client | none (the objective needs none)
     reference_seconds: float = 0.0
-    optimizer_reset: bool = False
-    optimizer_step: int = 0
-    rounding: str = "nearest"
-    stopped_early: bool = False
     before: dict = field(default_factory=dict)  # TRL's metrics (rewards/..., logps/...) and the loss, on a bounded sample
     after: dict = field(default_factory=dict)
-    history: list[dict] = field(default_factory=list)  # per step: loss, rewards/margins, rewards/accuracies
     eval_pairs: int = 0
-    last_step_at: float | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def pair_losses(options: PreferenceOptions, pi_c, pi_r, n_c, n_r, ref_c, ref_r) -> PairLoss:
@@ -111,85 +99,53 @@ class PreferenceTrainer:
             rejected.append(r.float().cpu())
         return torch.cat(chosen), torch.cat(rejected)
 
-    def _micro_batches(self, pairs, index: list[int], refs, options: PreferenceOptions, seen: list):
-        """(loss, share of the step) of each micro-batch of the step's pairs ``index``;
-        each micro-batch's pair losses and rewards are appended to ``seen``."""
-        total_w = sum(pairs[i].weight for i in index)
-        for start in range(0, len(index), options.micro_batch_size):
-            chunk = index[start : start + options.micro_batch_size]
-            pi_c, pi_r, n_c, n_r = self.reply_logprobs([pairs[i] for i in chunk])
-            where = torch.tensor(chunk)
-            ref_c, ref_r = (refs[0][where].to(pi_c.device), refs[1][where].to(pi_c.device)) if refs else (None, None)
-            pair = pair_losses(options, pi_c, pi_r, n_c, n_r, ref_c, ref_r)
-            w = torch.tensor([pairs[i].weight for i in chunk], device=pi_c.device)
-            seen.append((pair, pi_c.detach(), pi_r.detach()))
-            yield (pair.losses * w).sum() / w.sum(), float(w.sum()) / total_w
-
-    @torch.no_grad()
-    def measure(self, pairs, index: list[int], refs, options: PreferenceOptions) -> dict:
-        """TRL's metrics and the mean loss over the pairs ``index``, without touching any state."""
-        seen: list = []
-        losses = [float(loss) * share for loss, share in self._micro_batches(pairs, index, refs, options, seen)]
-        return {**_summary(seen), "loss": sum(losses)} if index else {}
-
     def run(self, pairs: Sequence[Pair], options: PreferenceOptions,
             on_step: Callable[[int, int, PreferenceResult], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> PreferenceResult:
         result = PreferenceResult(objective=options.objective)
-        weights = self.weights
-        result.optimizer_reset, result.rounding = weights.prepare(options)
-        refs = None
         if options.objective in NEEDS_REFERENCE:
             started = time.perf_counter()
             refs = self.reference(pairs, options.micro_batch_size)
             result.reference_seconds = time.perf_counter() - started
             computed = any(p.ref_chosen is None for p in pairs)
             result.reference = "served model at the job's start" if computed else "given by the client"
-        plan = plan_steps(len(pairs), options)
-        measured = _evaluation_index(pairs, options.eval_tokens)
-        result.before, result.eval_pairs = self.measure(pairs, measured, refs, options), len(measured)
-        started = time.perf_counter()
-        for i, index in enumerate(plan):
-            if should_stop is not None and should_stop():
-                result.stopped_early = True
-                break
-            seen: list = []
-            loss, grad_norm, skip_reason = weights.step(self._micro_batches(pairs, index, refs, options, seen), options)
-            result.last_loss, result.last_grad_norm = loss, grad_norm
-            if skip_reason is None:
-                result.steps += 1
-                result.tokens += sum(len(pairs[j].chosen_ids) + len(pairs[j].rejected_ids) + 2 * len(pairs[j].context_ids)
-                                     for j in index)
-                if len(result.history) < HISTORY:
-                    result.history.append({"step": weights.global_step, "loss": loss, **_summary(seen)})
-            else:
-                result.steps_skipped += 1
-                result.skip_reasons.append(f"step {i}: {skip_reason}")
-            result.last_step_at = time.time()
-            if on_step is not None:
-                on_step(i + 1, len(plan), result)
-        result.train_seconds = time.perf_counter() - started
-        result.tokens_per_s = result.tokens / result.train_seconds if result.train_seconds > 0 else 0.0
-        result.after = self.measure(pairs, measured, refs, options)
-        result.optimizer_step = weights.global_step
+            # The loss reads each pair's reference from the pair: the computed ones filled in.
+            pairs = [replace(p, ref_chosen=float(c), ref_rejected=float(r)) for p, c, r in zip(pairs, *refs)]
+        measured = evaluation_items(pairs, options.eval_tokens, lambda p: len(p.chosen_ids) + len(p.rejected_ids))
+        before, after = run_steps(self.weights, PairwiseLoss(self, options), pairs, options, result, measured, on_step,
+                                  should_stop)
+        result.before, result.after, result.eval_pairs = before or {}, after or {}, len(measured)
         return result
 
 
-def _summary(seen: list) -> dict:
-    """TRL's metrics over every (pair losses, chosen, rejected) of ``seen``."""
-    if not seen:
-        return {}
-    pair = PairLoss(*(torch.cat([getattr(p, k) for p, _, _ in seen]) for k in ("losses", "chosen_rewards", "rejected_rewards")))
-    return metrics(pair, torch.cat([c for _, c, _ in seen]), torch.cat([r for _, _, r in seen]))
+class PairwiseLoss:
+    """Preference training on the step loop: the objective's pair losses, weighted by each
+    pair's ``weight``, averaged over the step's pairs; TRL's metrics per step. The pairs
+    carry their reference log-probabilities when the objective needs them."""
 
+    def __init__(self, trainer: PreferenceTrainer, options: PreferenceOptions):
+        self.trainer, self.options = trainer, options
 
-def _evaluation_index(pairs: Sequence[Pair], max_tokens: int) -> list[int]:
-    """The first pairs up to ``max_tokens`` reply tokens (at least one; none if 0)."""
-    index, tokens = [], 0
-    for i, p in enumerate(pairs):
-        n = len(p.chosen_ids) + len(p.rejected_ids)
-        if max_tokens <= 0 or (index and tokens + n > max_tokens):
-            break
-        index.append(i)
-        tokens += n
-    return index
+    def weight(self, pair: Pair) -> float:
+        return pair.weight
+
+    def tokens(self, pair: Pair) -> int:
+        return len(pair.chosen_ids) + len(pair.rejected_ids) + 2 * len(pair.context_ids)
+
+    def __call__(self, pairs: list[Pair]) -> tuple[torch.Tensor, tuple]:
+        pi_c, pi_r, n_c, n_r = self.trainer.reply_logprobs(pairs)
+        ref_c = ref_r = None
+        if self.options.objective in NEEDS_REFERENCE:
+            ref_c = torch.tensor([p.ref_chosen for p in pairs], device=pi_c.device)
+            ref_r = torch.tensor([p.ref_rejected for p in pairs], device=pi_c.device)
+        pair = pair_losses(self.options, pi_c, pi_r, n_c, n_r, ref_c, ref_r)
+        w = torch.tensor([p.weight for p in pairs], device=pi_c.device)
+        return (pair.losses * w).sum() / w.sum(), (pair, pi_c.detach(), pi_r.detach())
+
+    def metrics(self, stats: list) -> dict[str, float]:
+        """TRL's metrics over every (pair losses, chosen, rejected) of ``stats``."""
+        if not stats:
+            return {}
+        pair = PairLoss(*(torch.cat([getattr(p, k) for p, _, _ in stats])
+                          for k in ("losses", "chosen_rewards", "rejected_rewards")))
+        return metrics(pair, torch.cat([c for _, c, _ in stats]), torch.cat([r for _, _, r in stats]))

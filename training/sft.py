@@ -1,18 +1,16 @@
-"""Supervised full-weight training on (context, continuation) samples.
+"""Supervised full-weight training on (context, continuation) samples, and the server's one optimizer.
 
-The trainer is a loop you can read top to bottom: plan the batches, then for each
-one run forward/backward over micro-batches, refuse the step if the loss or the
-gradients are not finite (the weights stay bit-identical), clip, and take one
-APOLLO step. One optimizer lives across calls, so its state persists between jobs;
-preference training (``preference.py``) steps the same one (``prepare``, ``step``).
+SFT is one loss on the shared step loop (``step_loop``): the weighted mean NLL of the
+continuation tokens. ``SFTTrainer`` holds the model and one APOLLO optimizer across calls,
+so its state persists between jobs; every full-weight mode steps it (``prepare``, ``step``):
+forward/backward over micro-batches, the step refused if the loss or the gradients are not
+finite (the weights stay bit-identical), clipping, one APOLLO step.
 """
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -23,64 +21,41 @@ from .batches import Sample, collate
 from .losses import continuation_nll, token_nll
 from .optimizer_state import load_optimizer_state, optimizer_state_to_bytes, read_extra
 from .rounding import default_rounding, rounding_generator, small_update_warning, typical_spacing
+from .step_loop import StepsResult, evaluation_items, run_steps
 from .tensor_parallel import global_grad_norm, sync_gradients, sync_replicated
-
-HISTORY = 512  # per-step numbers kept in a job's result
 
 
 @dataclass
-class SFTResult:
-    """What a job did, as reported by ``/train/status``."""
+class SFTResult(StepsResult):
+    """What a job did, as reported by ``/train/status``; ``tokens`` counts continuation tokens."""
 
-    steps: int = 0
-    steps_skipped: int = 0
-    skip_reasons: list[str] = field(default_factory=list)
     loss_before: float | None = None
     loss_after: float | None = None
-    last_loss: float | None = None
-    last_grad_norm: float | None = None
-    tokens: int = 0  # labelled (continuation) tokens processed by optimizer steps
-    train_seconds: float = 0.0
-    tokens_per_s: float = 0.0
-    optimizer_reset: bool = False
-    optimizer_step: int = 0  # global step count after this job
-    stopped_early: bool = False
-    rounding: Rounding = "nearest"  # how updates were written into bf16/fp16 weights
     eval_samples: int = 0  # the samples loss_before and loss_after were measured on
-    last_step_at: float | None = None  # wall-clock time the last optimizer step ended
-    history: list[dict] = field(default_factory=list)  # per step (the first HISTORY): loss, grad_norm
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
-def plan_steps(n_samples: int, options: SFTOptions) -> list[list[int]]:
-    """Sample indices of each optimizer step, epoch by epoch."""
-    batch = options.batch_size or n_samples
-    rng = random.Random(options.seed)
-    total = count_steps(n_samples, options)
-    plan: list[list[int]] = []
-    while len(plan) < total:
-        order = list(range(n_samples))
-        if options.shuffle:
-            rng.shuffle(order)
-        plan.extend(order[i : i + batch] for i in range(0, n_samples, batch))
-    return plan[:total]
+class ContinuationLoss:
+    """SFT on the step loop: the NLL of the continuation tokens, each weighted by its sample's
+    weight, averaged over the weighted tokens of the step."""
 
+    def __init__(self, weights: SFTTrainer):
+        self.weights = weights
 
-def evaluation_sample(samples: Sequence[Sample], max_tokens: int) -> list[Sample]:
-    """The first samples up to ``max_tokens`` continuation tokens (at least one; none if 0):
-    what loss_before and loss_after are measured on, so that a job pays a bounded price
-    for them, not two extra passes over all its data."""
-    if max_tokens <= 0:
-        return []
-    chosen, tokens = [], 0
-    for s in samples:
-        if chosen and tokens + len(s.continuation_ids) > max_tokens:
-            break
-        chosen.append(s)
-        tokens += len(s.continuation_ids)
-    return chosen
+    def weight(self, sample: Sample) -> float:
+        return sample.weight * len(sample.continuation_ids)
+
+    def tokens(self, sample: Sample) -> int:
+        return len(sample.continuation_ids)
+
+    def __call__(self, samples: list[Sample]) -> tuple[torch.Tensor, None]:
+        w = self.weights
+        batch = collate(samples, w.pad_id).to(w.device)
+        logits = w.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        loss, _ = continuation_nll(logits, batch.labels, batch.token_weights, w.token_nll)
+        return loss, None
+
+    def metrics(self, stats: list) -> dict[str, float]:
+        return {}
 
 
 def warmup_lr(peak: float, warmup_steps: int, step: int) -> float:
@@ -134,18 +109,6 @@ class SFTTrainer:
         load_optimizer_state(optimizer, tensor_bytes, json_bytes)
         self.optimizer, self.structure, self.hyper, self.global_step = optimizer, structure, hyper, int(extra["global_step"])
 
-    @torch.no_grad()
-    def evaluate(self, samples: Sequence[Sample], micro_batch_size: int = 8) -> float:
-        """Weighted mean NLL of the continuations, without touching any state."""
-        total, weight = 0.0, 0.0
-        for i in range(0, len(samples), micro_batch_size):
-            batch = collate(list(samples[i : i + micro_batch_size]), self.pad_id).to(self.device)
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            loss, w = continuation_nll(logits, batch.labels, batch.token_weights, self.token_nll)
-            total += float(loss) * float(w)
-            weight += float(w)
-        return total / weight if weight else float("nan")
-
     def run(
         self,
         samples: Sequence[Sample],
@@ -155,34 +118,11 @@ class SFTTrainer:
     ) -> SFTResult:
         """Train on ``samples`` as ``options`` say; returns what happened."""
         result = SFTResult()
-        result.optimizer_reset, result.rounding = self.prepare(options)
-        plan = plan_steps(len(samples), options)
-        measured = evaluation_sample(samples, options.eval_tokens)
-        result.loss_before = self.evaluate(measured, options.micro_batch_size) if measured else None
-        started = time.perf_counter()
-        for i, indices in enumerate(plan):
-            if should_stop is not None and should_stop():
-                result.stopped_early = True
-                break
-            batch = [samples[j] for j in indices]
-            loss, grad_norm, skip_reason = self.step(self._micro_batches(batch, options.micro_batch_size), options)
-            result.last_loss, result.last_grad_norm = loss, grad_norm
-            if skip_reason is None:
-                result.steps += 1
-                result.tokens += sum(len(s.continuation_ids) for s in batch)
-                if len(result.history) < HISTORY:
-                    result.history.append({"step": self.global_step, "loss": loss, "grad_norm": grad_norm})
-            else:
-                result.steps_skipped += 1
-                result.skip_reasons.append(f"step {i}: {skip_reason}")
-            result.last_step_at = time.time()
-            if on_step is not None:
-                on_step(i + 1, len(plan), result)
-        result.train_seconds = time.perf_counter() - started
-        result.tokens_per_s = result.tokens / result.train_seconds if result.train_seconds > 0 else 0.0
-        result.loss_after = self.evaluate(measured, options.micro_batch_size) if measured else None
+        measured = evaluation_items(samples, options.eval_tokens, lambda s: len(s.continuation_ids))
+        before, after = run_steps(self, ContinuationLoss(self), samples, options, result, measured, on_step, should_stop)
+        result.loss_before = before["loss"] if before else None
+        result.loss_after = after["loss"] if after else None
         result.eval_samples = len(measured)
-        result.optimizer_step = self.global_step
         return result
 
     def prepare(self, options: SFTOptions) -> tuple[bool, Rounding]:
@@ -199,15 +139,6 @@ class SFTTrainer:
         self.optimizer.rounding = rounding
         self.optimizer.generator = rounding_generator(self.device, options.seed, self.global_step)
         return reset, rounding
-
-    def _micro_batches(self, batch: list[Sample], micro_batch_size: int):
-        """(loss, share of the step) of each micro-batch: the continuation NLL, weighted."""
-        total_w = sum(s.weight * len(s.continuation_ids) for s in batch)
-        for i in range(0, len(batch), micro_batch_size):
-            mb = collate(batch[i : i + micro_batch_size], self.pad_id).to(self.device)
-            logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
-            loss, w = continuation_nll(logits, mb.labels, mb.token_weights, self.token_nll)
-            yield loss, float(w) / total_w
 
     def step(self, micro_batches: Iterable[tuple[torch.Tensor, float]], options: SFTOptions) -> tuple[float, float | None, str | None]:
         """One optimizer step: backward through each (loss, share) of ``micro_batches`` (a

@@ -14,6 +14,7 @@ from hogwild.contracts.jobs import (
     SubmitPreferenceOp,
     SubmitReadoutOp,
     SubmitRevertOp,
+    SubmitRLOp,
 )
 
 from .http_errors import ApiError
@@ -24,6 +25,7 @@ from .schemas import (
     PreferenceTrainRequest,
     ReadoutTrainRequest,
     RevertRequest,
+    RLTrainRequest,
     TrainRequest,
 )
 
@@ -34,6 +36,8 @@ def job_request(body, paths: PathPolicy):
         return SubmitOp(mode=body.mode, samples=body.samples, options=body.options())
     if isinstance(body, PreferenceTrainRequest):
         return SubmitPreferenceOp(samples=body.samples, options=body.options())
+    if isinstance(body, RLTrainRequest):
+        return SubmitRLOp(samples=body.samples, options=body.options())
     if isinstance(body, BTRMTrainRequest):
         return _btrm(body, paths)
     if isinstance(body, CircuitBreakerTrainRequest):

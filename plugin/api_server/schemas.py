@@ -8,8 +8,9 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_val
 
 from hogwild.contracts.btrm_config import BTRMConfig
 from hogwild.contracts.circuit_breaker_config import CBConfig, CBSample
-from hogwild.contracts.jobs import BTRMSample, PreferenceSample, TokenId, TrainSample
+from hogwild.contracts.jobs import BTRMSample, PreferenceSample, RLSample, TokenId, TrainSample
 from hogwild.contracts.preference_config import PreferenceOptions
+from hogwild.contracts.rl_config import RLOptions
 from hogwild.contracts.sft_config import SFTOptions
 
 from .http_errors import UNION_TAGS
@@ -88,7 +89,21 @@ class PreferenceTrainRequest(PreferenceOptions):
         return PreferenceOptions(**{k: getattr(self, k) for k in PreferenceOptions.model_fields})
 
 
-TRAIN_MODES = ("sft", "btrm", "circuit_breaker", "preference")
+class RLTrainRequest(RLOptions):
+    """``POST /train`` with ``"mode": "rl"``: completions the server sampled, as token ids with
+    the engine's log-probability of each token, and a reward within a group (or an advantage);
+    the objective, its settings and every optimizer setting as optional top-level fields
+    (defaults in ``RLOptions``)."""
+
+    samples: list[RLSample] = Field(min_length=1)
+    mode: Literal["rl"]
+    wait: bool = Field(False, description="answer when the job is done (else at once, with its id)")
+
+    def options(self) -> RLOptions:
+        return RLOptions(**{k: getattr(self, k) for k in RLOptions.model_fields})
+
+
+TRAIN_MODES = ("sft", "btrm", "circuit_breaker", "preference", "rl")
 UNION_TAGS.update(TRAIN_MODES)
 
 
@@ -99,7 +114,8 @@ def _train_mode(body) -> str:
 
 TrainBody = Annotated[Union[Annotated[TrainRequest, Tag("sft")], Annotated[BTRMTrainRequest, Tag("btrm")],
                             Annotated[CircuitBreakerTrainRequest, Tag("circuit_breaker")],
-                            Annotated[PreferenceTrainRequest, Tag("preference")]], Discriminator(_train_mode)]
+                            Annotated[PreferenceTrainRequest, Tag("preference")], Annotated[RLTrainRequest, Tag("rl")]],
+                      Discriminator(_train_mode)]
 
 
 ScoreRange = Annotated[list[int], Field(min_length=2, max_length=2)]

@@ -222,6 +222,10 @@ def test_modes_not_yet_parallel_are_refused_with_the_reason(tp2):
     r = tp2.http.post("/train", json={"mode": "circuit_breaker", "wait": True, "config": {"steps": 2}, "samples": samples})
     assert r.status_code == 501, r.text
     assert "circuit_breaker training with tensor parallel size 2 is not supported yet" in r.json()["error"]["message"]
+    rl = {"context_ids": [5, 6, 7], "completion_ids": [8, 9], "logprobs": [-1.0, -2.0], "advantage": 1.0}
+    r = tp2.http.post("/train", json={"mode": "rl", "wait": True, "samples": [rl]})
+    assert r.status_code == 501, r.text
+    assert "rl training with tensor parallel size 2 is not supported yet" in r.json()["error"]["message"]
     assert [tp2.arena_digest(rank) for rank in (0, 1)] == digest
 
 

@@ -1,21 +1,69 @@
 """What a training mode is to the trainer: how a request of its kind is admitted, what
 memory it will need, and how it runs. One module per mode implements it (the registry
-is ``kinds/__init__.py``); the service does everything the modes share."""
+is ``kinds/__init__.py``); the service does everything the modes share. A kind sees the
+service through ``Services``: what the kinds use of it, and nothing else."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 from hogwild.contracts.jobs import JobRequestBase
 
 if TYPE_CHECKING:
     from hogwild.training.memory import JobMemory
+    from hogwild.training.sft import SFTTrainer
 
+    from ..adapters import AdapterBook
     from ..jobs import Job
-    from ..service import TrainerService
+    from ..ledger import Ledger
+    from ..model_access import ModelAccess
+    from ..reward_heads import HeadBook
 
 Outcome = tuple[str, "str | None"]  # (final state, error)
+
+
+class JobProgress(Protocol):
+    def progress(self, job: Job, step: int, total: int) -> None:
+        """The running job's step count, as status and the journal show it."""
+
+
+class CheckpointSchedule(Protocol):
+    def schedule(self) -> None:
+        """A checkpoint when the trainer falls idle, for a change the weights' version does
+        not show (the reward heads)."""
+
+
+class RankTrainer(Protocol):
+    """What ``JobKind.train`` sees of a tensor-parallel rank: the holder of its model and of
+    the server's one optimizer. Rank 0's service, or a follower rank (``worker/follower.py``)."""
+
+    trainer: SFTTrainer
+
+
+@runtime_checkable
+class Services(Protocol):
+    """What a job kind sees of the trainer service (``TrainerService``); the kinds use nothing
+    else of it (``tests/test_job_kinds.py`` checks both)."""
+
+    access: ModelAccess  # the model, and who may use it how (exclusive, reading, adapters)
+    jobs: JobProgress
+    trainer: SFTTrainer  # holds the server's one optimizer
+    ledger: Ledger  # sample ids already trained
+    weights_version: int  # one more for each change to the served weights: the kind that makes it adds it
+    heads: HeadBook  # the reward heads
+    adapters: AdapterBook  # merged circuit-breaker adapters
+    checkpointer: CheckpointSchedule
+    session: Path  # the session directory (the readout's current vectors)
+    pad_id: int
+
+    def tokenizer(self):
+        """The served model's tokenizer (loaded on first use)."""
+
+    def train_on_ranks(self, kind: JobKind, request, items: list, on_step: Callable, should_stop: Callable[[], bool]):
+        """``kind.train`` on ``items`` on every tensor-parallel rank; the caller holds the model."""
 
 
 @dataclass
@@ -41,11 +89,11 @@ class JobKind:
     request: ClassVar[type[JobRequestBase]]
     tensor_parallel: ClassVar[bool] = False  # runs on every tensor-parallel rank (``TrainerService.train_on_ranks``)
 
-    def admit(self, service: TrainerService, op) -> Admission:
+    def admit(self, service: Services, op) -> Admission:
         return Admission(n_samples=op.sample_count())
 
-    def estimate(self, service: TrainerService, op) -> JobMemory | None:
+    def estimate(self, service: Services, op) -> JobMemory | None:
         return None
 
-    def run(self, service: TrainerService, job: Job) -> Outcome:
+    def run(self, service: Services, job: Job) -> Outcome:
         raise NotImplementedError

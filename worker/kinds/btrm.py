@@ -16,7 +16,7 @@ from hogwild.training.btrm_run import encode, train_btrm_with_trunk_lora, train_
 from hogwild.training.lora import lora_factors
 
 from ..reward_heads import TRUNK_LORA_ALPHA, TRUNK_LORA_R
-from .base import Admission, JobKind
+from .base import Admission, JobKind, Services
 
 
 def labels_of(op: SubmitBTRMOp, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +35,7 @@ def labels_of(op: SubmitBTRMOp, names: list[str]) -> tuple[torch.Tensor, torch.T
 class BTRM(JobKind):
     request = SubmitBTRMOp
 
-    def admit(self, service, op: SubmitBTRMOp) -> Admission:
+    def admit(self, service: Services, op: SubmitBTRMOp) -> Admission:
         names = {h.name for h in op.config.heads}
         for i, sample in enumerate(op.samples or []):
             for head, label in sample.labels.items():
@@ -46,7 +46,7 @@ class BTRM(JobKind):
                                   f"tier_weights {sorted(op.config.tier_weights)}")
         return Admission(op.sample_count())
 
-    def run(self, service, job):
+    def run(self, service: Services, job):
         op: SubmitBTRMOp = job.op
         config = op.config
         names = [h.name for h in config.heads]

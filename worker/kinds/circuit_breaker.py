@@ -15,7 +15,7 @@ from hogwild.training.circuit_breaker_data import read_jsonl
 from hogwild.training.lora import merge_in_place
 
 from ..adapters import Adapter
-from .base import Admission, JobKind
+from .base import Admission, JobKind, Services
 
 logger = logging.getLogger("hogwild.worker")
 SUMMARY = ("steps", "target_layers", "lora_layers", "harmful_cos_before", "harmful_cos_after", "retain_l2_relative_after")
@@ -24,12 +24,12 @@ SUMMARY = ("steps", "target_layers", "lora_layers", "harmful_cos_before", "harmf
 class CircuitBreaker(JobKind):
     request = SubmitCircuitBreakerOp
 
-    def admit(self, service, op: SubmitCircuitBreakerOp) -> Admission:
+    def admit(self, service: Services, op: SubmitCircuitBreakerOp) -> Admission:
         if op.samples is not None and {s.split for s in op.samples} != {"harmful", "retain"}:
             raise OpError("invalid", "samples: a circuit-breaker run needs both harmful and retain samples")
         return Admission(op.sample_count())
 
-    def run(self, service, job):
+    def run(self, service: Services, job):
         op: SubmitCircuitBreakerOp = job.op
         report = None
         samples = op.samples

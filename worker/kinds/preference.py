@@ -8,6 +8,7 @@ from hogwild.contracts.jobs import SubmitPreferenceOp
 from hogwild.training.memory import estimate_job_memory
 from hogwild.training.preference import Pair, PreferenceTrainer
 
+from .base import RankTrainer, Services
 from .sft import SFT
 
 
@@ -15,7 +16,7 @@ class Preference(SFT):
     request = SubmitPreferenceOp
     noun = "pair"
 
-    def estimate(self, service, op: SubmitPreferenceOp):
+    def estimate(self, service: Services, op: SubmitPreferenceOp):
         options = op.options
         pairs = min(options.micro_batch_size, options.batch_size or len(op.samples), len(op.samples))
         seq = max(len(s.context_ids) + max(len(s.chosen_ids), len(s.rejected_ids)) for s in op.samples)
@@ -28,8 +29,8 @@ class Preference(SFT):
         return [Pair(tuple(s.context_ids), tuple(s.chosen_ids), tuple(s.rejected_ids), s.weight, s.id,
                      s.ref_chosen_logprob, s.ref_rejected_logprob) for s in samples]
 
-    def train(self, service, items: list[Pair], options, **callbacks):
-        return PreferenceTrainer(service.trainer).run(items, options, **callbacks)
+    def train(self, rank: RankTrainer, items: list[Pair], options, **callbacks):
+        return PreferenceTrainer(rank.trainer).run(items, options, **callbacks)
 
 
 KIND = Preference()

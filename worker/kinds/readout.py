@@ -14,13 +14,13 @@ from hogwild.readout import store as readout_store
 from hogwild.readout.corpus import CorpusError, read_corpus
 from hogwild.readout.train import train_readout, write_training
 
-from .base import Admission, JobKind
+from .base import Admission, JobKind, Services
 
 
 class Readout(JobKind):
     request = SubmitReadoutOp
 
-    def admit(self, service, op: SubmitReadoutOp) -> Admission:
+    def admit(self, service: Services, op: SubmitReadoutOp) -> Admission:
         try:  # a corpus that cannot be used is refused now, before any forward pass
             corpus = read_corpus(op.stories, op.min_positives)
         except CorpusError as exc:
@@ -31,7 +31,7 @@ class Readout(JobKind):
             raise OpError("invalid", f"layers: {bad[0]} is out of range (the served model has layers 0..{num_layers - 1})")
         return Admission(len(corpus.texts()))
 
-    def run(self, service, job):
+    def run(self, service: Services, job):
         op: SubmitReadoutOp = job.op
         corpus = read_corpus(op.stories, op.min_positives)
         job.info.total_steps = 1

@@ -6,17 +6,17 @@ from __future__ import annotations
 from hogwild.contracts.jobs import SubmitRevertOp
 from hogwild.training.lora import revert_in_place
 
-from .base import Admission, JobKind
+from .base import Admission, JobKind, Services
 
 
 class Revert(JobKind):
     request = SubmitRevertOp
 
-    def admit(self, service, op: SubmitRevertOp) -> Admission:
+    def admit(self, service: Services, op: SubmitRevertOp) -> Admission:
         service.adapters.revertible(op.job_id)  # refuse at once what cannot be reverted
         return Admission(0)
 
-    def run(self, service, job):
+    def run(self, service: Services, job):
         adapter, record = service.adapters.revertible(job.op.job_id)  # still: another revert may have come first
         with service.access.exclusive() as model:
             exact = revert_in_place(model, record)

@@ -7,7 +7,7 @@ from hogwild.contracts.jobs import SubmitOp
 from hogwild.training.batches import Sample
 from hogwild.training.memory import estimate_job_memory
 
-from .base import Admission, JobKind
+from .base import Admission, JobKind, RankTrainer, Services
 
 
 def unseen(samples, ledger) -> tuple[list, list[str]]:
@@ -25,21 +25,21 @@ def unseen(samples, ledger) -> tuple[list, list[str]]:
 
 
 class SFT(JobKind):
-    """Also the base of the other full-weight modes on ledger-tracked samples (preference):
+    """Also the base of the other full-weight modes on ledger-tracked samples (preference, rl):
     they differ in what a sample becomes, which trainer runs it and its memory."""
 
     request = SubmitOp
     noun = "sample"
     tensor_parallel = True
 
-    def admit(self, service, op: SubmitOp) -> Admission:
+    def admit(self, service: Services, op: SubmitOp) -> Admission:
         _, skipped = unseen(op.samples, service.ledger)
         return Admission(len(op.samples), skipped, service.trainer.warnings(len(op.samples), op.options))
 
-    def estimate(self, service, op: SubmitOp):
+    def estimate(self, service: Services, op: SubmitOp):
         options = op.options
         micro = min(options.micro_batch_size, options.batch_size or len(op.samples), len(op.samples))
-        seq = max(len(s.context_ids) + len(s.continuation_ids) for s in op.samples)
+        seq = max(length for _, length in op.sequence_lengths())  # the longest sequence a forward reads
         trainer = service.trainer
         new_optimizer = trainer.optimizer is None or trainer.structure != options.structure()
         return estimate_job_memory(service.access.model, micro, seq, options.rank, new_optimizer)
@@ -48,10 +48,10 @@ class SFT(JobKind):
         """The request's samples as the trainer takes them."""
         return [Sample(tuple(s.context_ids), tuple(s.continuation_ids), s.weight, s.id) for s in samples]
 
-    def train(self, service, items: list, options, **callbacks):
-        return service.trainer.run(items, options, **callbacks)
+    def train(self, rank: RankTrainer, items: list, options, **callbacks):
+        return rank.trainer.run(items, options, **callbacks)
 
-    def run(self, service, job):
+    def run(self, service: Services, job):
         info = job.info
         chosen, skipped = unseen(job.op.samples, service.ledger)
         info.skipped_ids = skipped

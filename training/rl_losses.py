@@ -43,9 +43,12 @@ Group advantages (TRL's ``_generate_and_score_completions``): ``A = reward - mea
 by ``std(group) + 1e-4`` (torch's unbiased std) when ``scale_rewards``. A group of one (TRL: NaN)
 or with equal rewards (TRL: 0) gets 0 here, and is reported as such.
 
-TRL's and Tinker's code could not be fetched in the session that wrote this: the formulas above,
-and their transcriptions in ``tests/test_rl_losses.py``, are from memory of TRL's 0.2x
-``grpo_trainer.py`` and Tinker's loss docs. Check them against the sources when next online.
+Checked against public sources (2026-12-07): TRL's GRPO trainer computes the TIS weight as
+``clamp(exp(old_per_token_logps - sampling_per_token_logps), max=vllm_importance_sampling_cap)``
+(the cap is 2.0 in its configs, as ``is_cap`` here), and Tinker-style ``cispo`` is
+``-(clamp(exp(target - sampling), low, high).detach() * target * advantages)``. The GRPO min/clip,
+the k3 KL and the aggregations are transcribed from memory of TRL's ``grpo_trainer.py``; the
+tests transcribe them independently.
 """
 
 from __future__ import annotations

@@ -229,9 +229,10 @@ class Demo:
                                                                        "max_tokens": 4}).status_code)
         self.note(f"    kill -9 {pid} at step {running['step']}: the waiting caller got `{answer['state']}` after "
                   f"{time.monotonic() - killed:.1f} s: {answer['error']}")
-        status = self.http.get("/train/status").json()
-        self.note(f"    a new trainer (pid {status['pid']}, {status['state']}) answered from the job journal; meanwhile "
-                  f"{completions.count(200)} of {len(completions)} completions answered 200")
+        status = self.server.wait_trainer()
+        self.note(f"    a new trainer (pid {status['pid']}, {status['state']} {time.monotonic() - killed:.0f} s after the kill) "
+                  f"answered from the job journal; meanwhile {completions.count(200)} of {len(completions)} completions "
+                  "answered 200")
 
     def preference(self, tok) -> None:
         """Three (context, reply, reply) triples, each oriented against what the model prefers

@@ -106,7 +106,7 @@ def test_recovery_requeues_queued_jobs_fails_the_running_one_and_keeps_finished_
     new = book(tmp_path)
     failed = new.recover("the training process was killed by SIGKILL")
     assert [f.job_id for f in failed] == [running.job_id]
-    assert "killed by SIGKILL while this job was running; 3 of 10 steps" in new.get(running.job_id).info.error
+    assert "killed by SIGKILL while this job was running; at least 3 of 10 steps" in new.get(running.job_id).info.error
     assert new.get(done.job_id).info.state == "succeeded"
     assert [j.info.job_id for j in new.pending] == [queued.job_id]
     assert new.pending[0].op == old.get(queued.job_id).op  # its samples came back whole

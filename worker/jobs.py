@@ -66,8 +66,9 @@ class JobBook:
                     info.error = (f"its request could not be read back from the journal ({lost_requests[info.job_id].reason}); "
                                   f"kept in {self.journal.directory / UNREADABLE}. Resubmit it.")
                 else:
-                    info.error = (f"{reason} while this job was running; {info.step} of {info.total_steps} steps had been "
-                                  "applied to the served weights. Resubmit it to train the rest.")
+                    info.error = (f"{reason} while this job was running; at least {info.step} of {info.total_steps} steps "
+                                  "had been applied to the served weights (progress is journaled once a second). "
+                                  "Resubmit it to train the rest.")
                 self.journal.save(info)
                 self.journal.drop_request(info.job_id)
                 self.finished.append(info.job_id)

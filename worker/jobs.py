@@ -43,6 +43,7 @@ class JobBook:
         self.submitted: dict[str, int] = {}
         self.ended: dict[str, int] = {}
         self.set_aside = 0  # journal records this process found unreadable (and moved aside)
+        self.unreadable: list = []  # every record kept in the journal's unreadable/, read once at recovery
 
     def recover(self, reason: str) -> list[JobInfo]:
         """Read the journal left by earlier trainers: finished jobs stay answerable,
@@ -52,6 +53,7 @@ class JobBook:
         failed = []
         records, unreadable = self.journal.load()
         self.set_aside = len(unreadable)
+        self.unreadable = self.journal.unreadable()  # this process's and earlier ones': only recovery adds to it
         lost_requests = {u.job_id: u for u in unreadable}
         for info, request in records:
             job = Job(request, info)

@@ -39,5 +39,5 @@ def trainer_status(service: TrainerService) -> TrainerStatus:
         weights_version=service.weights_version, ledger_size=len(service.ledger) if service.ledger else 0,
         heads=service.heads.info, adapters=service.adapters.history(), checkpoint=service.checkpointer.status(),
         optimizer=optimizer, memory=memory, totals=service.totals(),
-        journal={"unreadable": [vars(u) for u in service.jobs.journal.unreadable()]},
+        journal={"unreadable": [vars(u) for u in service.jobs.unreadable]},
         tensor_parallel={"size": service.group.size, "ranks": service.group.ranks} if service.group else {"size": 1})

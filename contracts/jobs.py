@@ -269,9 +269,22 @@ class RLSample(BaseModel):
         if self.advantage is not None:
             if self.reward is not None or self.group is not None:
                 raise ValueError("give advantage, or reward and group, not both")
-        elif self.reward is None or self.group is None:
+        elif self.reward is not None and self.group is None:
             raise ValueError("give reward and group (the completions it is compared with), or advantage")
         return self
+
+
+def reward_source_problem(samples: list[RLSample], reward_heads: dict[str, float] | None) -> str | None:
+    """Where each sample's advantage comes from must be whole: with ``reward_heads``, every sample
+    names its group and nothing else (the heads give the rewards); without, every sample gives
+    reward and group, or advantage."""
+    for i, s in enumerate(samples):
+        if reward_heads is not None and (s.reward is not None or s.advantage is not None or s.group is None):
+            return (f"samples.{i}: with reward_heads the heads give the rewards: give group (the completions compared "
+                    "with each other), not reward or advantage")
+        if reward_heads is None and s.reward is None and s.advantage is None:
+            return f"samples.{i}: give reward and group (the completions it is compared with), or advantage"
+    return None
 
 
 class SubmitRLOp(JobRequestBase):
@@ -283,6 +296,13 @@ class SubmitRLOp(JobRequestBase):
     mode: Literal["rl"] = "rl"
     samples: list[RLSample] = Field(min_length=1)
     options: RLOptions = RLOptions()
+
+    @model_validator(mode="after")
+    def _rewards_whole(self) -> "SubmitRLOp":
+        problem = reward_source_problem(self.samples, self.options.reward_heads)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     def sample_count(self) -> int:
         return len(self.samples)

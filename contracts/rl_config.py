@@ -4,14 +4,15 @@ in ``hogwild.training.rl_losses``."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, StringConstraints
 
 from .sft_config import SFTOptions
 
 RLObjective = Literal["grpo", "cispo", "reinforce"]
 LossType = Literal["bnpo", "dr_grpo"]
+HeadName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 
 class RLOptions(SFTOptions):
@@ -35,3 +36,11 @@ class RLOptions(SFTOptions):
                                 "the sum over them / (samples x max_completion_length)")
     max_completion_length: int | None = Field(None, ge=1, le=1 << 20, description="dr_grpo's constant; default: the "
                                               "longest completion of the job")
+    max_staleness: int | None = Field(None, ge=0, le=1 << 40, description="refuse samples drawn more than this many "
+                                      "weight versions ago (each sample's weights_version: the X-Hogwild-Weights-Version "
+                                      "its completion was answered with); checked when the job is queued and again when "
+                                      "it starts; None: any age")
+    reward_heads: dict[HeadName, Annotated[float, Field(allow_inf_nan=False)]] | None = Field(
+        None, min_length=1, description="instead of each sample's reward: the weighted sum of these reward heads' scores "
+        "(head -> weight), each head scoring context + completion at its last token with the live weights, once, before "
+        "the first step; the samples then give only their group")

@@ -7,6 +7,7 @@
     hogwild btrm train -c CONFIG -o DIR --model MODEL
     hogwild btrm score -m DIR -i in.jsonl -o out.jsonl
     hogwild readout train --model DIR --stories stories/ --layers 10 20 --aggregator mean --out DIR
+    hogwild rl URL --prompts prompts.jsonl --reward band:800:1200 --group-size 8 --iterations 20
 """
 
 from __future__ import annotations
@@ -243,6 +244,57 @@ def preference_train(args) -> None:
         print(when, json.dumps({k: round(v, 4) for k, v in (result.get(when) or {}).items()}))
 
 
+def load_reward(spec: str):
+    """``band:LOW:HIGH`` (the fraction of completion tokens with ids in [LOW, HIGH)) or
+    ``module:function`` (any importable callable (prompt_ids, completion_ids) -> float)."""
+    import importlib
+
+    from hogwild.rl_loop import TokenBandReward
+
+    kind, _, rest = spec.partition(":")
+    if kind == "band":
+        low, _, high = rest.partition(":")
+        return TokenBandReward(int(low), int(high))
+    if not rest:
+        raise SystemExit(f"--reward {spec!r}: give band:LOW:HIGH or module:function")
+    return getattr(importlib.import_module(kind), rest)
+
+
+def rl_run(args) -> None:
+    """Online RL against a running server: sample, reward, train, repeat (``hogwild.rl_loop``)."""
+    from tqdm import tqdm
+
+    from hogwild.client import HogwildClient
+    from hogwild.rl_loop import rl_loop
+
+    rows = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
+    prompts = [row["prompt_ids"] if isinstance(row, dict) else row for row in rows]
+    if (args.reward is None) == (not args.reward_heads):
+        raise SystemExit("give --reward or --reward-heads (one of them)")
+    reward = load_reward(args.reward) if args.reward else None
+    options = {"lr": args.lr, "objective": args.objective}
+    if args.reward_heads:
+        options["reward_heads"] = {h.partition("=")[0]: float(h.partition("=")[2] or 1) for h in args.reward_heads}
+    for name in ("batch_size", "steps", "kl_coef", "max_staleness"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    client = HogwildClient(args.url, api_key=args.api_key, admin_key=args.admin_key)
+    bar = tqdm(total=args.iterations, desc="rl", unit="it")
+
+    def report(record) -> None:
+        bar.update(1)
+        bar.set_postfix(reward=f"{record.mean_reward:.3f}")
+        tqdm.write(record.line(args.iterations))
+
+    history = rl_loop(client, prompts, reward, args.group_size, args.iterations, max_tokens=args.max_tokens,
+                      temperature=args.temperature, on_iteration=report, **options)
+    bar.close()
+    if args.out:
+        from dataclasses import asdict
+
+        args.out.write_text("\n".join(json.dumps(asdict(h)) for h in history) + "\n")
+
+
 def status(args) -> None:
     """What a running server's trainer reports: the figures its /metrics publish, and more."""
     from hogwild.client import HogwildClient
@@ -335,6 +387,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--admin-key", default=None)
     p.set_defaults(run=preference_train)
+
+    p = sub.add_parser("rl", help="online RL on a running server: sample, reward, train, repeat")
+    p.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--prompts", type=Path, required=True, help='JSONL: {"prompt_ids": [...]} (or a bare list) per line')
+    p.add_argument("--reward", default=None, help="band:LOW:HIGH, or module:function taking (prompt_ids, completion_ids)")
+    p.add_argument("--reward-heads", nargs="+", default=None, metavar="HEAD=WEIGHT",
+                   help="instead of --reward: the server's reward heads score the completions")
+    p.add_argument("--group-size", type=int, default=8, help="completions per prompt (one group)")
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--objective", choices=["grpo", "cispo", "reinforce"], default="grpo")
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--batch-size", type=int, default=None, help="samples per optimizer step (default: all)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--kl-coef", type=float, default=None)
+    p.add_argument("--max-staleness", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="write each iteration as a JSON line")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--admin-key", default=None)
+    p.set_defaults(run=rl_run)
 
     p = sub.add_parser("status", help="what a running server's trainer reports (the figures of its /metrics)")
     p.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")

@@ -8,13 +8,18 @@ helper that turns texts into the token ids the server takes.
     pairs = preference_samples(tokenizer, [(context, chosen, rejected)])
     client.train_preference(pairs, objective="orpo", lr=1e-5, wait=True)
     client.score(prompt_ids, [[0, len(prompt_ids)]], heads=True)
+    groups = client.complete([prompt_ids], n=8, max_tokens=16)        # token ids, log-probs, weights version
+    client.train_rl(samples, objective="grpo", wait=True)             # samples: see hogwild.rl_loop
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import httpx
 
 from hogwild.contracts.btrm_config import BTRMConfig
+from hogwild.contracts.weights_version import HEADER as WEIGHTS_VERSION_HEADER
 
 
 def btrm_samples(tokenizer, config: BTRMConfig, texts: list[str], labels: list[dict[str, str]]) -> list[dict]:
@@ -44,6 +49,19 @@ def preference_samples(tokenizer, triples: list[tuple[str, str, str]], ids: list
 def wrapped_prompt(tokenizer, config: BTRMConfig, text: str) -> list[int]:
     """A text as the heads saw it in training: score it with the range ending at the last token."""
     return tokenizer.encode(config.wrap(text), add_special_tokens=False)[-config.max_length :]
+
+
+@dataclass(frozen=True)
+class SampledCompletion:
+    """One completion the server sampled: its tokens, the engine's log-probability of each
+    (of the model's raw distribution: vLLM's default ``logprobs_mode``), and the weights'
+    version it was sampled at (None from a server without the plugin's trainer)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]
+    weights_version: int | None
+    finish_reason: str | None = None
 
 
 class HogwildClient:
@@ -78,6 +96,40 @@ class HogwildClient:
 
     def score(self, prompt: list[int], score_ranges: list[list[int]], heads: bool | list[str] = False) -> list[dict]:
         return self._post("/v1/score", {"prompt": prompt, "score_ranges": score_ranges, "heads": heads})["scores"]
+
+    def model_name(self) -> str:
+        """The served model's name (the first of ``/v1/models``)."""
+        if not getattr(self, "_model", None):
+            r = self.http.get("/v1/models")
+            r.raise_for_status()
+            self._model = r.json()["data"][0]["id"]
+        return self._model
+
+    def complete(self, prompts: list[list[int]], n: int = 1, max_tokens: int = 16, temperature: float = 1.0,
+                 seed: int | None = None, **sampling) -> list[list[SampledCompletion]]:
+        """``n`` completions of each prompt (token ids), in one ``/v1/completions`` request: per
+        prompt, its completions with their tokens, the engine's log-probs and the weights' version."""
+        body = {"model": self.model_name(), "prompt": prompts, "n": n, "max_tokens": max_tokens,
+                "temperature": temperature, "logprobs": 0, "return_token_ids": True, **sampling}
+        if seed is not None:
+            body["seed"] = seed
+        r = self.http.post("/v1/completions", json=body)
+        if r.status_code >= 400:
+            raise RuntimeError(f"/v1/completions: {r.status_code} {r.text}")
+        version = r.headers.get(WEIGHTS_VERSION_HEADER)
+        version = int(version) if version is not None else None
+        groups: list[list[SampledCompletion]] = [[] for _ in prompts]
+        for choice in sorted(r.json()["choices"], key=lambda c: c["index"]):
+            i = choice["index"] // n
+            groups[i].append(SampledCompletion(prompts[i], choice["token_ids"] or [],
+                                               choice["logprobs"]["token_logprobs"] or [], version,
+                                               choice.get("finish_reason")))
+        return groups
+
+    def train_rl(self, samples: list[dict], objective: str = "grpo", wait: bool = False, **options) -> dict:
+        """An RL job (``objective``: grpo, cispo, reinforce; every RL and optimizer setting as
+        keyword arguments); samples as ``hogwild.rl_loop.rl_samples`` makes them."""
+        return self._post("/v1/train", {"mode": "rl", "samples": samples, "objective": objective, "wait": wait, **options})
 
     def status(self) -> dict:
         return self.http.get("/v1/train/status").json()

@@ -36,6 +36,7 @@ class Completion:
     advantage: float | None = None  # given, or made from the group's rewards before the first step
     id: str | None = None
     start_logprobs: tuple[float, ...] | None = None  # the trainer's as the job starts (filled in by ``RLTrainer.run``)
+    head_scores: dict[str, float] | None = None  # the reward heads' scores the reward was made from
 
 
 @dataclass
@@ -47,6 +48,8 @@ class RLResult(StepsResult):
     loss_type: str = "bnpo"
     reference_seconds: float = 0.0  # the pass that computed the log-probabilities as the job started
     advantages: list[float] = field(default_factory=list)  # each trained sample's, in order
+    rewards: list[float | None] = field(default_factory=list)  # each trained sample's (None: it gave its advantage)
+    head_scores: list[dict[str, float]] | None = None  # with reward_heads: each sample's scores, in order
     zero_advantage_groups: list[str] = field(default_factory=list)  # a group of one, or of equal rewards: nothing to learn
     before: dict = field(default_factory=dict)  # the loss and the diagnostics on a bounded sample
     after: dict = field(default_factory=dict)
@@ -103,6 +106,9 @@ class RLTrainer:
         result = RLResult(objective=options.objective, loss_type=options.loss_type)
         completions, result.zero_advantage_groups = with_advantages(completions, options.scale_rewards)
         result.advantages = [c.advantage for c in completions]
+        result.rewards = [c.reward for c in completions]
+        if any(c.head_scores is not None for c in completions):
+            result.head_scores = [c.head_scores for c in completions]
         started = time.perf_counter()
         start = self.start_logprobs(completions, options.micro_batch_size)
         result.reference_seconds = time.perf_counter() - started

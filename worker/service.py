@@ -44,6 +44,7 @@ from hogwild.contracts.protocol import (
     TokenLogprobsOp,
 )
 from hogwild.contracts.trainer_ranks import RANK_DIED_EXIT, LogprobsCommand, RankEnvelope, StopCommand, TrainCommand
+from hogwild.contracts.weights_version import WeightsVersionWriter
 from hogwild.training.hf_model import pad_token_id
 from hogwild.training.memory import available_memory
 from hogwild.training.sft import SFTTrainer
@@ -62,7 +63,7 @@ from .process_memory import release_free_heap
 from .rank_group import RankGroup, agree, gather_bindings, gather_errors, group_device
 from .rank_work import restore_optimizer, token_logprobs
 from .reward_heads import HeadBook
-from .status import trainer_status
+from .status import TrainedTotals, trainer_status
 from .views import Binding, UnsupportedModel, bind
 
 logger = logging.getLogger("hogwild.worker")
@@ -87,11 +88,10 @@ class TrainerService:
         for info in self.jobs.recover(restart_reason or "the training process stopped"):
             logger.warning("job %s was running when the previous trainer died: reported failed", info.job_id)
         self.memory_limit = envs.trainer_memory_limit()
-        self.weights_version = 0
+        self.version = WeightsVersionWriter(state_dir)  # shared with the API server: completions carry it
         self.optimizer_state_bytes = 0
         self.heap_held = False  # a job's freed memory not yet handed back to the OS
-        # What this trainer process has trained, for metrics (``status.totals``).
-        self.trained = {"tokens_trained": 0, "optimizer_steps": 0, "last_loss": None, "last_step_at": None}
+        self.trained = TrainedTotals()  # what this trainer process has trained, for metrics
         self.group: RankGroup | None = None  # the other tensor-parallel ranks, when vLLM serves with TP > 1
         self.heads = HeadBook()
         # Circuit-breaker adapters merged into the served weights, kept so that they
@@ -117,6 +117,19 @@ class TrainerService:
             ParityOp: (self.model_ops, self.verify_parity),
             HeadScoresOp: (self.reader_ops, self.head_scores),  # beside a running job (HOGWILD)
         }
+
+    @property
+    def weights_version(self) -> int:
+        """One more for each change to the served weights; continues across trainer restarts."""
+        return self.version.value
+
+    @weights_version.setter
+    def weights_version(self, value: int) -> None:
+        self.version.write(value)
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.group.size if self.group is not None else 1
 
     # ---- loading --------------------------------------------------------
 
@@ -340,22 +353,6 @@ class TrainerService:
                                   weights_changed=False, trainer_idle=self.jobs.running is None and self.jobs.idle()))
         return info
 
-    def _count(self, result: dict) -> None:
-        """Add a job's training to the totals (full-weight jobs: their optimizer steps and tokens)."""
-        if result.get("optimizer_step") is None or "tokens" not in result:
-            return
-        self.trained["tokens_trained"] += result["tokens"]
-        self.trained["optimizer_steps"] += result.get("steps", 0)
-        if result.get("last_loss") is not None:
-            self.trained["last_loss"] = result["last_loss"]
-        if result.get("last_step_at") is not None:
-            self.trained["last_step_at"] = result["last_step_at"]
-
-    def totals(self) -> dict:
-        """Everything this trainer process has done, as metrics report it."""
-        return {"jobs_submitted": dict(self.jobs.submitted), "jobs_finished": dict(self.jobs.ended), **self.trained,
-                **self.checkpointer.totals, "journal_unreadable": self.jobs.set_aside}
-
     # ---- the job thread -------------------------------------------------
 
     def job_loop(self) -> None:
@@ -419,7 +416,7 @@ class TrainerService:
         try:
             if self.trainer is not None and self.trainer.optimizer is not None:
                 self.optimizer_state_bytes = self.trainer.optimizer_bytes()  # the job thread owns the optimizer
-            self._count(info.result or {})
+            self.trained.add(info.result or {})
         except Exception:
             logger.exception("job %s: its figures could not be counted", info.job_id)
         self.heap_held = True

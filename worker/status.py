@@ -14,6 +14,29 @@ if TYPE_CHECKING:
     from .service import TrainerService
 
 
+class TrainedTotals:
+    """What this trainer process has trained (full-weight jobs: their optimizer steps and tokens)."""
+
+    def __init__(self):
+        self.values = {"tokens_trained": 0, "optimizer_steps": 0, "last_loss": None, "last_step_at": None}
+
+    def add(self, result: dict) -> None:
+        """Add an ended job's result."""
+        if result.get("optimizer_step") is None or "tokens" not in result:
+            return
+        self.values["tokens_trained"] += result["tokens"]
+        self.values["optimizer_steps"] += result.get("steps", 0)
+        for name in ("last_loss", "last_step_at"):
+            if result.get(name) is not None:
+                self.values[name] = result[name]
+
+
+def totals(service: TrainerService) -> dict:
+    """Everything this trainer process has done, as metrics report it."""
+    return {"jobs_submitted": dict(service.jobs.submitted), "jobs_finished": dict(service.jobs.ended),
+            **service.trained.values, **service.checkpointer.totals, "journal_unreadable": service.jobs.set_aside}
+
+
 def trainer_status(service: TrainerService) -> TrainerStatus:
     queued, running, recent = service.jobs.snapshot()
     trainer, manifest, bound = service.trainer, service.manifest, service.bound
@@ -38,6 +61,6 @@ def trainer_status(service: TrainerService) -> TrainerStatus:
         vision_tower=bound.vision_tower, queue=queued, running=running, recent=recent, max_queued_jobs=service.jobs.max_queued,
         weights_version=service.weights_version, ledger_size=len(service.ledger) if service.ledger else 0,
         heads=service.heads.info, adapters=service.adapters.history(), checkpoint=service.checkpointer.status(),
-        optimizer=optimizer, memory=memory, totals=service.totals(),
+        optimizer=optimizer, memory=memory, totals=totals(service),
         journal={"unreadable": [vars(u) for u in service.jobs.unreadable]},
         tensor_parallel={"size": service.group.size, "ranks": service.group.ranks} if service.group else {"size": 1})

@@ -12,7 +12,7 @@ logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers 
 
 class HogwildEndpoints:
     """Adds /train, /train/status, /train/{job_id} (GET, DELETE), /score, /checkpoint and the
-    readout routes (each bare and under /v1), and readouts on vLLM's completion routes."""
+    readout routes (each bare and under /v1), readouts on vLLM's completion routes, and the weights' version on their answers."""
 
     name = "hogwild"
     required_tasks = ("generate",)
@@ -21,9 +21,11 @@ class HogwildEndpoints:
         from .limits import BodySizeLimit, Limits
         from .readout_http import ReadoutMiddleware
         from .routes import PATH_PREFIXES, router
+        from .weights_version_header import WeightsVersionHeader
 
         app.include_router(router)
         app.add_middleware(ReadoutMiddleware)
+        app.add_middleware(WeightsVersionHeader)
         app.add_middleware(BodySizeLimit, prefixes=PATH_PREFIXES, max_bytes=Limits.from_env().max_body_bytes)
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:

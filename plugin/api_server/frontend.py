@@ -28,6 +28,7 @@ from hogwild.contracts.protocol import (
     StatusOp,
     TrainerStatus,
 )
+from hogwild.contracts.weights_version import WeightsVersionReader
 
 from ..session import ensure_session_dir
 from ..trainability import unsupported_reason
@@ -97,6 +98,7 @@ class Frontend:
         self.waiters: dict[str, list[asyncio.Future]] = {}  # job id -> `wait` callers, answered by job_finished
         self.wait_timeout = envs.wait_timeout_s()
         self.readout = ReadoutFrontend.if_enabled(self.session, config.model_config)
+        self.weights_version = WeightsVersionReader(self.state_dir)  # stamped on completions
 
     @property
     def readout_inbox(self):

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_val
 
 from hogwild.contracts.btrm_config import BTRMConfig
 from hogwild.contracts.circuit_breaker_config import CBConfig, CBSample
-from hogwild.contracts.jobs import BTRMSample, PreferenceSample, RLSample, TokenId, TrainSample
+from hogwild.contracts.jobs import BTRMSample, PreferenceSample, RLSample, TokenId, TrainSample, reward_source_problem
 from hogwild.contracts.preference_config import PreferenceOptions
 from hogwild.contracts.rl_config import RLOptions
 from hogwild.contracts.sft_config import SFTOptions
@@ -98,6 +98,13 @@ class RLTrainRequest(RLOptions):
     samples: list[RLSample] = Field(min_length=1)
     mode: Literal["rl"]
     wait: bool = Field(False, description="answer when the job is done (else at once, with its id)")
+
+    @model_validator(mode="after")
+    def _rewards_whole(self) -> "RLTrainRequest":
+        problem = reward_source_problem(self.samples, self.reward_heads)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     def options(self) -> RLOptions:
         return RLOptions(**{k: getattr(self, k) for k in RLOptions.model_fields})

@@ -77,12 +77,22 @@ BAD = {
     "advantage and reward": ({"samples": [rl_sample(reward=1.0, group="g")]}, "not both"),
     "neither reward nor advantage": ({"samples": [rl_sample(advantage=None)]}, "or advantage"),
     "token past the vocabulary": ({"samples": [rl_sample(completion_ids=[8, 2000])]}, "outside the vocabulary"),
+    "reward_heads and a reward": ({"samples": [rl_sample(advantage=None, reward=1.0, group="g")],
+                                   "reward_heads": {"ocean": 1.0}}, "with reward_heads the heads give the rewards"),
+    "reward_heads without a group": ({"samples": [rl_sample(advantage=None)], "reward_heads": {"ocean": 1.0}},
+                                     "give group"),
+    "reward_heads naming no head": ({"samples": [rl_sample(advantage=None, group="g")], "reward_heads": {"nope": 1.0}},
+                                    "reward_heads: no head 'nope'"),
+    "reward_heads empty": ({"samples": [rl_sample(advantage=None, group="g")], "reward_heads": {}}, "reward_heads"),
+    "negative max_staleness": ({"samples": [SAMPLE], "max_staleness": -1}, "max_staleness"),
 }
 RAW_BAD = {
     "NaN logprob": ('{"mode": "rl", "samples": [{"context_ids": [5], "completion_ids": [6], "logprobs": [NaN], '
                     '"advantage": 1.0}]}', "logprobs"),
     "infinite reward": ('{"mode": "rl", "samples": [{"context_ids": [5], "completion_ids": [6], "logprobs": [-1.0], '
                         '"reward": Infinity, "group": "g"}]}', "reward"),
+    "NaN head weight": ('{"mode": "rl", "samples": [{"context_ids": [5], "completion_ids": [6], "logprobs": [-1.0], '
+                        '"group": "g"}], "reward_heads": {"ocean": NaN}}', "reward_heads"),
     "infinite advantage": ('{"mode": "rl", "samples": [{"context_ids": [5], "completion_ids": [6], "logprobs": [-1.0], '
                            '"advantage": -Infinity}]}', "advantage"),
 }

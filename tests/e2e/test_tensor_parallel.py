@@ -215,6 +215,31 @@ def test_preference_widens_the_served_margin(tp2):
     assert all(a > b + 1.0 for a, b in zip(after, before)), (before, after)
 
 
+def test_rl_raises_the_rewarded_completion_and_the_ranks_match_the_engine(tp2):
+    """RL on both ranks: the trainer's log-probs of the sampled tokens equal the engine's before
+    the first step (fp32), and the completion with the positive advantage becomes likelier."""
+    context = [5, 6, 7, 8, 9, 10]
+    r = tp2.http.post("/v1/completions", json={"model": str(tp2.model_dir), "prompt": context, "max_tokens": 6, "n": 4,
+                                               "temperature": 1.0, "logprobs": 0, "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    drawn = [(c["token_ids"], c["logprobs"]["token_logprobs"]) for c in r.json()["choices"] if c["token_ids"]]
+    samples = [{"context_ids": context, "completion_ids": ids, "logprobs": lps, "reward": 1.0 if i == 0 else 0.0,
+                "group": "p"} for i, (ids, lps) in enumerate(drawn)]
+
+    def served_logprob(s):
+        n = len(s["context_ids"])
+        return tp2.http.post("/v1/score", json={"prompt": s["context_ids"] + s["completion_ids"],
+                                                 "score_ranges": [[n, n + len(s["completion_ids"])]]}).json()["scores"][0]["total_logprob"]
+
+    before = served_logprob(samples[0])
+    r = tp2.http.post("/train", json={"mode": "rl", "samples": samples, "objective": "grpo", "lr": 1e-3, "steps": 5,
+                                      "wait": True})
+    assert r.status_code == 200 and r.json()["state"] == "succeeded", r.text
+    result = r.json()["result"]
+    assert result["before"]["logprob_gap_max"] < 1e-4, result["before"]
+    assert served_logprob(samples[0]) > before + 0.5
+
+
 def test_modes_not_yet_parallel_are_refused_with_the_reason(tp2):
     tok = AutoTokenizer.from_pretrained(tp2.model_dir)
     digest = [tp2.arena_digest(rank) for rank in (0, 1)]
@@ -222,10 +247,10 @@ def test_modes_not_yet_parallel_are_refused_with_the_reason(tp2):
     r = tp2.http.post("/train", json={"mode": "circuit_breaker", "wait": True, "config": {"steps": 2}, "samples": samples})
     assert r.status_code == 501, r.text
     assert "circuit_breaker training with tensor parallel size 2 is not supported yet" in r.json()["error"]["message"]
-    rl = {"context_ids": [5, 6, 7], "completion_ids": [8, 9], "logprobs": [-1.0, -2.0], "advantage": 1.0}
-    r = tp2.http.post("/train", json={"mode": "rl", "wait": True, "samples": [rl]})
+    rl = {"context_ids": [5, 6, 7], "completion_ids": [8, 9], "logprobs": [-1.0, -2.0], "group": "g"}
+    r = tp2.http.post("/train", json={"mode": "rl", "wait": True, "samples": [rl], "reward_heads": {"ocean": 1.0}})
     assert r.status_code == 501, r.text
-    assert "rl training with tensor parallel size 2 is not supported yet" in r.json()["error"]["message"]
+    assert "reward_heads with tensor parallel size 2 is not supported yet" in r.json()["error"]["message"]
     assert [tp2.arena_digest(rank) for rank in (0, 1)] == digest
 
 

@@ -53,6 +53,7 @@ class Services(Protocol):
     trainer: SFTTrainer  # holds the server's one optimizer
     ledger: Ledger  # sample ids already trained
     weights_version: int  # one more for each change to the served weights: the kind that makes it adds it
+    tensor_parallel_size: int  # trainer ranks (1: alone)
     heads: HeadBook  # the reward heads
     adapters: AdapterBook  # merged circuit-breaker adapters
     checkpointer: CheckpointSchedule

@@ -48,6 +48,11 @@ class SFT(JobKind):
         """The request's samples as the trainer takes them."""
         return [Sample(tuple(s.context_ids), tuple(s.continuation_ids), s.weight, s.id) for s in samples]
 
+    def prepare(self, service: Services, op, chosen) -> list:
+        """The chosen samples as the trainer takes them, before the model is held (RL scores its
+        completions with the reward heads here)."""
+        return self.items(chosen)
+
     def train(self, rank: RankTrainer, items: list, options, **callbacks):
         return rank.trainer.run(items, options, **callbacks)
 
@@ -55,7 +60,7 @@ class SFT(JobKind):
         info = job.info
         chosen, skipped = unseen(job.op.samples, service.ledger)
         info.skipped_ids = skipped
-        items = self.items(chosen)
+        items = self.prepare(service, job.op, chosen)
         if not items:
             info.result = {"steps": 0, "note": f"every {self.noun} was already trained"}
             return "succeeded", None

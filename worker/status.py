@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     from .service import TrainerService
 
 
+RL_STEP_STATS = ("loss", "ratio_mean", "clip_fraction", "truncated_fraction", "kl", "advantage_mean", "logprob_gap_mean",
+                 "logprob_gap_max")
+
+
 class TrainedTotals:
     """What this trainer process has trained (full-weight jobs: their optimizer steps and tokens)."""
 
@@ -29,6 +33,9 @@ class TrainedTotals:
         for name in ("last_loss", "last_step_at"):
             if result.get(name) is not None:
                 self.values[name] = result[name]
+        if "advantages" in result and result.get("history"):  # an RL job: its last step's diagnostics
+            last = result["history"][-1]
+            self.values["last_rl_step"] = {k: last[k] for k in RL_STEP_STATS if last.get(k) is not None}
 
 
 def totals(service: TrainerService) -> dict:

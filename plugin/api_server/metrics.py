@@ -34,6 +34,8 @@ class Metrics:
         self.readout_rows = Counter("hogwild_readout_rows", "Rows of concept readouts received from the model worker")
         self.last_loss = gauge("hogwild_last_loss", "Loss of the last optimizer step")
         self.weights_version = gauge("hogwild_weights_version", "Version of the served weights (+1 per change)")
+        self.rl_last_step = gauge("hogwild_rl_last_step", "The last RL job's last optimizer step: loss, ratio_mean, "
+                                  "clip_fraction, truncated_fraction, kl, advantage_mean, logprob_gap_mean/max", ["stat"])
         self.queue_depth = gauge("hogwild_queue_depth", "Training jobs waiting")
         self.trainer_up = gauge("hogwild_trainer_up", "1 while the training process answers and is ready to train")
         self.since_step = gauge("hogwild_seconds_since_last_step", "Seconds since the last optimizer step")
@@ -65,6 +67,8 @@ class Metrics:
         self._seen = (status.trainer_id, totals)
         if totals.get("last_loss") is not None:
             self.last_loss.set(totals["last_loss"])
+        for stat, value in (totals.get("last_rl_step") or {}).items():
+            self.rl_last_step.labels(stat=stat).set(value)
         self.weights_version.set(status.weights_version)
         self.queue_depth.set(len(status.queue))
         now = time.time()

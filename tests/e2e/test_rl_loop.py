@@ -26,6 +26,7 @@ from hogwild.training.btrm_data import build_labelled_set
 
 from ..conftest import ADMIN_KEY, API_KEY, LIMITS, serving
 from .test_bad_input import check_rejected
+from .test_llama_compiled import hogwild_metrics
 
 pytestmark = pytest.mark.server
 
@@ -160,6 +161,17 @@ def test_every_completion_route_and_score_carry_the_version(rl_served):
 
 def test_the_reward_rises_while_completions_are_served(rl_served):
     reward_rises_while_completions_are_served(rl_served, "float32")
+
+
+def test_metrics_show_the_last_rl_step(rl_served):
+    """After the loop: the last job's last step's diagnostics on /metrics, as its history has them."""
+    last = rl_served.http.get("/train/status").json()["recent"][0]  # newest first
+    assert last["mode"] == "rl", last
+    step = last["result"]["history"][-1]
+    scrape = hogwild_metrics(rl_served.server.url, rl_served.server.headers())
+    for stat in ("loss", "ratio_mean", "clip_fraction", "truncated_fraction", "kl", "advantage_mean", "logprob_gap_mean",
+                 "logprob_gap_max"):
+        assert scrape[f'hogwild_rl_last_step{{stat="{stat}"}}'] == pytest.approx(step[stat], rel=1e-6, abs=1e-12), stat
 
 
 def head_score_mean(served, client: HogwildClient, head: str) -> float:

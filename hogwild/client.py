@@ -72,6 +72,7 @@ class HogwildClient:
         if admin_key:
             headers["X-Hogwild-Admin-Key"] = admin_key
         self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+        self._model: str | None = None  # the served model's name, asked once
 
     def _post(self, path: str, body: dict) -> dict:
         r = self.http.post(path, json=body)
@@ -99,7 +100,7 @@ class HogwildClient:
 
     def model_name(self) -> str:
         """The served model's name (the first of ``/v1/models``)."""
-        if not getattr(self, "_model", None):
+        if self._model is None:
             r = self.http.get("/v1/models")
             r.raise_for_status()
             self._model = r.json()["data"][0]["id"]

@@ -124,3 +124,15 @@ def test_scoring_with_a_trunk_lora_does_not_wait_for_a_job(tiny_model_dir):
     book.replace(book.heads, {}, None)
     book.scores(access, OP)
     assert _hooks(model) == 0
+
+
+def test_batched_last_token_scores_equal_one_at_a_time(tiny_model_dir):
+    """RL's reward_heads scores a job's completions in padded batches: padding after a sequence
+    does not change its last token's scores (fp32, trunk LoRA on)."""
+    model = _model(tiny_model_dir)
+    access, book = ModelAccess(model), _book(model)
+    sequences = [TOKENS[:n] for n in (3, 8, 5, 1, 7)]
+    batched = book.score_last_tokens(access, sequences, ["c", "a"], batch=4)
+    for ids, got in zip(sequences, batched):
+        alone = book.scores(access, HeadScoresOp(token_ids=ids, positions=[len(ids) - 1], heads=["c", "a"]))
+        assert list(got) == ["c", "a"] and _close([list(got.values())], alone.scores), (ids, got, alone.scores)

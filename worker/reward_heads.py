@@ -108,22 +108,50 @@ class HeadBook:
     def scores(self, access: ModelAccess, op: HeadScoresOp) -> HeadScores:
         """Every wanted head at each position, from one trunk forward beside a running job
         (HOGWILD); the heads' trunk LoRA, if any, is added by hooks on this thread only."""
-        heads, trunk_lora = self.heads, self.trunk_lora
-        if heads is None:
-            raise OpError("conflict", "no reward heads have been trained on this server yet (POST /train with mode btrm)")
-        wanted = op.heads or heads.names
-        unknown = [h for h in wanted if h not in heads.names]
-        if unknown:
-            raise OpError("invalid", f"no head {unknown[0]!r}; the heads are {heads.names}")
         if not all(0 <= p < len(op.token_ids) for p in op.positions):
             raise OpError("invalid", f"positions must be within the {len(op.token_ids)} tokens")
+        wanted, rows = self.score_rows(access, [(op.token_ids, op.positions)], op.heads)
+        return HeadScores(heads=wanted, scores=rows[0])
+
+    def score_last_tokens(self, access: ModelAccess, sequences: list[list[int]], heads: list[str],
+                          batch: int = 16) -> list[dict[str, float]]:
+        """Each sequence's scores at its last token (RL's ``reward_heads``), ``batch`` sequences a forward."""
+        out = []
+        for i in range(0, len(sequences), batch):
+            wanted, rows = self.score_rows(access, [(ids, [len(ids) - 1]) for ids in sequences[i : i + batch]], heads)
+            out += [dict(zip(wanted, row[0])) for row in rows]
+        return out
+
+    def score_rows(self, access: ModelAccess, items: list[tuple[list[int], list[int]]],
+                   heads: list[str] | None) -> tuple[list[str], list[list[list[float]]]]:
+        """The wanted heads (default: all) and, per (token ids, positions) item, one row of scores
+        per position: one trunk forward over the items, right-padded (a causal trunk's state at a
+        position does not see the padding after it)."""
+        book, trunk_lora = self.heads, self.trunk_lora
+        if book is None:
+            raise OpError("conflict", "no reward heads have been trained on this server yet (POST /train with mode btrm)")
+        wanted = heads or book.names
+        unknown = [h for h in wanted if h not in book.names]
+        if unknown:
+            raise OpError("invalid", f"no head {unknown[0]!r}; the heads are {book.names}")
         device = access.device()
+        width = max(len(ids) for ids, _ in items)
+        input_ids = torch.zeros(len(items), width, dtype=torch.long)
+        mask = torch.zeros(len(items), width, dtype=torch.long)
+        for r, (ids, _) in enumerate(items):
+            input_ids[r, : len(ids)], mask[r, : len(ids)] = torch.tensor(ids), 1
         factors = self._factors_on(trunk_lora, device) if trunk_lora else None
         with self._lora.reading(access, factors) as model, torch.no_grad():
-            hidden = model.base_model(input_ids=torch.tensor([op.token_ids], device=device), use_cache=False).last_hidden_state[0]
-            scores = heads(hidden[torch.tensor(op.positions, device=device)].float().cpu())
-        columns = [heads.names.index(h) for h in wanted]
-        return HeadScores(heads=wanted, scores=[[float(row[c]) for c in columns] for row in scores.tolist()])
+            hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                      use_cache=False).last_hidden_state
+            picked = [hidden[r, torch.tensor(positions, device=device)] for r, (_, positions) in enumerate(items)]
+            scores = book(torch.cat(picked).float().cpu())
+        columns = [book.names.index(h) for h in wanted]
+        rows, start = [], 0
+        for _, positions in items:
+            rows.append([[float(row[c]) for c in columns] for row in scores[start : start + len(positions)].tolist()])
+            start += len(positions)
+        return wanted, rows
 
     def _factors_on(self, trunk_lora: dict, device: torch.device) -> dict:
         """The trunk LoRA's factors on the model's device, moved once per set of heads."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from hogwild.contracts.jobs import SubmitRLOp
-from hogwild.contracts.protocol import HeadScoresOp, OpError
+from hogwild.contracts.protocol import OpError
 from hogwild.training.rl import Completion, RLTrainer
 
 from .base import Admission, RankTrainer, Services
@@ -74,15 +74,11 @@ class RL(SFT):
         items = self.items(chosen)
         if op.options.reward_heads is None:
             return items
-        scored = []
-        for c in items:
-            ids = [*c.context_ids, *c.completion_ids]
-            got = service.heads.scores(service.access, HeadScoresOp(token_ids=ids, positions=[len(ids) - 1],
-                                                                    heads=list(op.options.reward_heads)))
-            row = dict(zip(got.heads, got.scores[0]))
-            reward = sum(weight * row[head] for head, weight in op.options.reward_heads.items())
-            scored.append(replace(c, reward=reward, head_scores=row))
-        return scored
+        weights = op.options.reward_heads
+        rows = service.heads.score_last_tokens(service.access, [[*c.context_ids, *c.completion_ids] for c in items],
+                                               list(weights))
+        return [replace(c, reward=sum(w * row[head] for head, w in weights.items()), head_scores=row)
+                for c, row in zip(items, rows)]
 
     def items(self, samples) -> list[Completion]:
         return [Completion(tuple(s.context_ids), tuple(s.completion_ids), tuple(s.logprobs), s.reward, s.group, s.advantage,

@@ -10,6 +10,7 @@ helper that turns texts into the token ids the server takes.
     client.score(prompt_ids, [[0, len(prompt_ids)]], heads=True)
     groups = client.complete([prompt_ids], n=8, max_tokens=16)        # token ids, log-probs, weights version
     client.train_rl(samples, objective="grpo", wait=True)             # samples: see hogwild.rl_loop
+    client.run_rl(prompt_id_lists, reward_fn, group_size=8, iterations=20, lr=3e-3)   # the whole loop
 """
 
 from __future__ import annotations
@@ -131,6 +132,13 @@ class HogwildClient:
         """An RL job (``objective``: grpo, cispo, reinforce; every RL and optimizer setting as
         keyword arguments); samples as ``hogwild.rl_loop.rl_samples`` makes them."""
         return self._post("/v1/train", {"mode": "rl", "samples": samples, "objective": objective, "wait": wait, **options})
+
+    def run_rl(self, prompts: list[list[int]], reward, group_size: int, iterations: int, **options):
+        """Online RL against this server: ``hogwild.rl_loop.rl_loop`` (sample, reward, train,
+        repeat); ``reward(prompt_ids, completion_ids) -> float``, or None with ``reward_heads``."""
+        from .rl_loop import rl_loop
+
+        return rl_loop(self, prompts, reward, group_size, iterations, **options)
 
     def status(self) -> dict:
         return self.http.get("/v1/train/status").json()

@@ -94,7 +94,7 @@ def reward_rises_while_completions_are_served(served, dtype: str):
     band = TokenBandReward(vocab_size(served) * 2 // 5, vocab_size(served) * 3 // 5)
     client = HogwildClient(served.server.url, api_key=API_KEY, admin_key=ADMIN_KEY)
     with Traffic(served) as traffic:
-        history = rl_loop(client, PROMPTS, band, **LOOP)
+        history = client.run_rl(PROMPTS, band, **LOOP)
     rewards = [h.mean_reward for h in history]
     assert all(h.state == "succeeded" for h in history), [(h.state, h.error) for h in history]
     assert rewards[0] < 0.3, rewards  # a fifth of the vocabulary: about 0.2 untrained

@@ -216,28 +216,31 @@ def test_preference_widens_the_served_margin(tp2):
 
 
 def test_rl_raises_the_rewarded_completion_and_the_ranks_match_the_engine(tp2):
-    """RL on both ranks: the trainer's log-probs of the sampled tokens equal the engine's before
-    the first step (fp32), and the completion with the positive advantage becomes likelier."""
-    context = [5, 6, 7, 8, 9, 10]
-    r = tp2.http.post("/v1/completions", json={"model": str(tp2.model_dir), "prompt": context, "max_tokens": 6, "n": 4,
+    """RL on both ranks: the trainer's log-probs of the completions' tokens equal the engine's
+    before the first step (fp32), and the completion with the positive advantage becomes likelier.
+    It is one the model finds unlikely, whatever earlier tests trained: room to rise."""
+    context, chosen = [5, 6, 7, 8, 9, 10], [300, 301, 302, 303]
+
+    def engine_logprobs(completion):
+        n = len(context)
+        r = tp2.http.post("/v1/score", json={"prompt": context + completion,
+                                             "score_ranges": [[p, p + 1] for p in range(n, n + len(completion))]})
+        assert r.status_code == 200, r.text
+        return [s["total_logprob"] for s in r.json()["scores"]]
+
+    r = tp2.http.post("/v1/completions", json={"model": str(tp2.model_dir), "prompt": context, "max_tokens": 6, "n": 3,
                                                "temperature": 1.0, "logprobs": 0, "return_token_ids": True})
     assert r.status_code == 200, r.text
     drawn = [(c["token_ids"], c["logprobs"]["token_logprobs"]) for c in r.json()["choices"] if c["token_ids"]]
     samples = [{"context_ids": context, "completion_ids": ids, "logprobs": lps, "reward": 1.0 if i == 0 else 0.0,
-                "group": "p"} for i, (ids, lps) in enumerate(drawn)]
-
-    def served_logprob(s):
-        n = len(s["context_ids"])
-        return tp2.http.post("/v1/score", json={"prompt": s["context_ids"] + s["completion_ids"],
-                                                 "score_ranges": [[n, n + len(s["completion_ids"])]]}).json()["scores"][0]["total_logprob"]
-
-    before = served_logprob(samples[0])
+                "group": "p"} for i, (ids, lps) in enumerate([(chosen, engine_logprobs(chosen)), *drawn])]
+    before = sum(engine_logprobs(chosen))
     r = tp2.http.post("/train", json={"mode": "rl", "samples": samples, "objective": "grpo", "lr": 1e-3, "steps": 5,
                                       "wait": True})
     assert r.status_code == 200 and r.json()["state"] == "succeeded", r.text
     result = r.json()["result"]
     assert result["before"]["logprob_gap_max"] < 1e-4, result["before"]
-    assert served_logprob(samples[0]) > before + 0.5
+    assert sum(engine_logprobs(chosen)) > before + 0.5, (before, sum(engine_logprobs(chosen)))
 
 
 def test_modes_not_yet_parallel_are_refused_with_the_reason(tp2):

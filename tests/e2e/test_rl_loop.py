@@ -201,10 +201,12 @@ def test_the_reward_heads_score_rises_when_they_give_the_rewards(heads_served):
     assert r.status_code == 200 and r.json()["state"] == "succeeded", r.text
     client = HogwildClient(served.server.url, api_key=API_KEY, admin_key=ADMIN_KEY)
     before = head_score_mean(served, client, "ocean")
-    history = rl_loop(client, PROMPTS, None, **{**LOOP, "iterations": 25}, reward_heads={"ocean": 1.0})
+    # lr 1e-3, not the other loop's 3e-3: the trunk drifts under the fixed heads less per step
+    # (at 3e-3 one run of five rose by only 0.97).
+    history = rl_loop(client, PROMPTS, None, **{**LOOP, "iterations": 25, "lr": 1e-3}, reward_heads={"ocean": 1.0})
     assert all(h.state == "succeeded" for h in history), [(h.state, h.error) for h in history]
     after = head_score_mean(served, client, "ocean")
-    # Measured here: about 0.3 before, 3 to 7 after (the head's scores lie in [-10, 10]).
+    # Measured here (lr 1e-3, five runs): 0.5-0.75 before, 3.0-7.3 after (the scores lie in [-10, 10]).
     assert after > before + 1.5, (before, after, [round(h.mean_reward, 2) for h in history])
     # The job reports each sample's head scores and the reward made from them.
     job = served.http.get(f"/train/{history[-1].job_id}").json()["result"]

@@ -225,6 +225,7 @@ class Demo:
 
         model = self.out / "model-rl"
         shutil.rmtree(model, ignore_errors=True)
+        shutil.rmtree(self.out / "state-rl", ignore_errors=True)  # a fresh model: its weights' version from 0
         shutil.copytree(self.untrained, model, ignore=shutil.ignore_patterns(".hogwild"))
         vocab = json.loads((model / "config.json").read_text())["vocab_size"]
         server = VllmServer(model, log_path=self.out / "vllm-rl.log", dtype="float32",

@@ -55,6 +55,8 @@ class TrainerStatus(BaseModel):
     # The trainer's ranks: {"size": 1}, or under tensor parallel {"size": N, "ranks": [{"rank", "pid",
     # "param_bytes", "shared_param_bytes", "binding_private_bytes"}, ...]} (one per vLLM rank).
     tensor_parallel: dict[str, Any] = {}
+    # The replica group this trainer trains with (``replica_group.GroupInfo`` as JSON); None: a replica alone.
+    group: dict[str, Any] | None = None
 
 
 class CheckpointReport(BaseModel):

@@ -295,6 +295,20 @@ def rl_run(args) -> None:
         args.out.write_text("\n".join(json.dumps(asdict(h)) for h in history) + "\n")
 
 
+def group_rows(group: dict | None) -> list[tuple[str, object]]:
+    """The replica group as ``hogwild status`` lists it: this replica, whether all agree, then each replica."""
+    if group is None:
+        return [("replica group", "none (this replica trains alone)")]
+    agree = {True: "yes", False: "NO", None: "not compared yet"}[group.get("consistent")]
+    rows = [("replica group", f"rank {group['rank']} of {group['size']}, {group['state']}"), ("  reason", group.get("reason")),
+            ("  replicas agree", agree), ("  stale", group.get("stale")), ("  fingerprint", group.get("fingerprint"))]
+    for m in group.get("members") or []:
+        age = time.time() - m["seen_at"]
+        rows.append((f"  replica {m['rank']}", f"{m['host']} pid {m['pid']}: {m['state']}, version {m['weights_version']}, "
+                     f"fingerprint {m['fingerprint'] or '-'}{', stale' if m['stale'] else ''}, seen {age:.1f} s ago"))
+    return rows
+
+
 def status(args) -> None:
     """What a running server's trainer reports: the figures its /metrics publish, and more."""
     from hogwild.client import HogwildClient
@@ -319,6 +333,7 @@ def status(args) -> None:
     unreadable = (body.get("journal") or {}).get("unreadable") or []
     rows.append(("unreadable journal records", len(unreadable)))
     rows += [(f"  {u['file']}", u["reason"]) for u in unreadable]
+    rows += group_rows(body.get("group"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value if value is not None else '-'}")

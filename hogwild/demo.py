@@ -5,7 +5,7 @@ Builds the tiny model if needed, serves a fresh copy of it with a real
 score, ledger, HOGWILD inference, cancellation, reward heads, a circuit-breaker
 LoRA merged and reverted, per-token concept readouts and their online training,
 checkpoint, restart from the checkpoint, preference training, bf16 rounding, tensor
-parallel, online RL), printing each step and leaving a short
+parallel, online RL, two replicas training as one group), printing each step and leaving a short
 report (``report.md``) with plots in the output folder.
 """
 
@@ -214,6 +214,10 @@ class Demo:
         self.online_rl()
         self.note()
 
+        self.note("## 19. Two replicas, one group: a job posted to either trains both, and they stay bitwise equal")
+        self.replicas(ctx, target)
+        self.note()
+
     def online_rl(self) -> None:
         """The untrained model (a fresh copy): a verifiable reward (the fraction of completion
         tokens in a fixed fifth of the vocabulary), 8 prompts x 8 completions per iteration, one
@@ -270,6 +274,69 @@ class Demo:
                 ax.legend(fontsize=8)
         finally:
             server.stop()
+
+    def replicas(self, ctx: list[int], target: list[int]) -> None:
+        """Two `vllm serve` replicas of the untrained model (fresh copies, one core each) in one
+        group (HOGWILD_GROUP); a job posted to replica 1, then one to replica 0; both replicas'
+        scores of the target after each, and what `/train/status` says of the group."""
+        import threading
+
+        from hogwild.launch import free_port
+
+        address, servers = f"127.0.0.1:{free_port()}", []
+        for rank in range(2):
+            model = self.out / f"model-replica{rank}"
+            shutil.rmtree(model, ignore_errors=True)
+            shutil.rmtree(self.out / f"state-replica{rank}", ignore_errors=True)
+            shutil.copytree(self.untrained, model, ignore=shutil.ignore_patterns(".hogwild"))
+            servers.append(VllmServer(model, log_path=self.out / f"vllm-replica{rank}.log", dtype="float32", env={
+                "HOGWILD_STATE_DIR": str(self.out / f"state-replica{rank}"), "HOGWILD_GROUP": address,
+                "HOGWILD_GROUP_SIZE": "2", "HOGWILD_GROUP_RANK": str(rank), "HOGWILD_TRAINER_THREADS": "1",
+                "VLLM_CPU_OMP_THREADS_BIND": str(rank)}))
+            say(f"starting: HOGWILD_GROUP={address} HOGWILD_GROUP_SIZE=2 HOGWILD_GROUP_RANK={rank} VLLM_PLUGINS=hogwild "
+                f"vllm {' '.join(servers[-1].args)}")
+        threads = [threading.Thread(target=s.start) for s in servers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        try:
+            https = [httpx.Client(base_url=s.url, timeout=600) for s in servers]
+            deadline = time.monotonic() + 300
+            while not all((g := h.get("/train/status").json().get("group")) and g["state"] == "ready" for h in https):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the replica group did not form")
+                time.sleep(0.5)
+
+            def scores() -> list[float]:
+                return [h.post("/v1/score", json={"prompt": ctx + target, "score_ranges": [[len(ctx), len(ctx) + len(target)]]})
+                        .json()["scores"][0]["total_logprob"] for h in https]
+
+            rows = [("before", scores())]
+            for rank in (1, 0):
+                job = https[rank].post("/train", json={"samples": [{"context_ids": ctx, "continuation_ids": target}],
+                                                       "lr": 1e-2, "steps": 10, "wait": True}).json()
+                rows.append((f"after a job posted to replica {rank}", scores()))
+                self.note(f"    job {job['job_id']} posted to replica {rank}: {job['state']}, loss {job['result']['loss_before']:.3f} "
+                          f"-> {job['result']['loss_after']:.3f}; /v1/score of the target on replicas 0 and 1: "
+                          f"{rows[-1][1][0]:.4f}, {rows[-1][1][1]:.4f} (equal: {rows[-1][1][0] == rows[-1][1][1]})")
+            group = https[1].get("/train/status").json()["group"]
+            for m in group["members"]:
+                self.note(f"    replica {m['rank']} (pid {m['pid']}): {m['state']}, weights version {m['weights_version']}, "
+                          f"fingerprint {m['fingerprint']}")
+            self.note(f"    the group: consistent {group['consistent']}, stale {group['stale']}; gradient bytes all-reduced by "
+                      f"replica 1 in the last job: {group['last_job']['allreduce_bytes'] / 2**20:.1f} MiB, weight bytes sent: 0")
+            with self.figure("replicas.png", "the target's log-likelihood on each replica") as (fig, ax):
+                for i, (label, values) in enumerate(rows):
+                    ax.bar(i - 0.2, values[0], width=0.4, color="tab:blue", label="replica 0" if i == 0 else None)
+                    ax.bar(i + 0.2, values[1], width=0.4, color="tab:orange", label="replica 1" if i == 0 else None)
+                ax.set_xticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
+                ax.set_ylabel("log P(target), /v1/score")
+                ax.set_title("Two replicas trained as one group: equal after every job, wherever it was posted")
+                ax.legend(fontsize=8)
+        finally:
+            for s in servers:
+                s.stop()
 
     def fault(self, ctx: list[int], target: list[int]) -> None:
         """A caller waits for a long job; the training process is killed under it; the next

@@ -108,3 +108,20 @@ def readout_manifest() -> Path | None:
     """``VLLM_READOUT_MANIFEST``: their manifest (default: ``readout.json`` beside the vectors)."""
     value = os.environ.get("VLLM_READOUT_MANIFEST")
     return Path(value) if value else None
+
+
+def replica_group() -> tuple[str, int, int] | None:
+    """This replica's group: (``host:port`` of the rendezvous store, size, rank); None: alone."""
+    address = os.environ.get("HOGWILD_GROUP")
+    if not address:
+        return None
+    size, rank = _int("HOGWILD_GROUP_SIZE", 0), _int("HOGWILD_GROUP_RANK", -1)
+    if ":" not in address or size < 1 or not 0 <= rank < size:
+        raise ValueError(f"HOGWILD_GROUP={address!r} needs host:port, HOGWILD_GROUP_SIZE >= 1 and 0 <= "
+                         f"HOGWILD_GROUP_RANK < size (got size {size}, rank {rank})")
+    return address, size, rank
+
+
+def replica_group_timeout_s() -> float:
+    """How long a replica waits for its group to form before it says it serves alone (it keeps trying)."""
+    return _float("HOGWILD_GROUP_TIMEOUT_S", 300.0)

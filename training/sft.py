@@ -18,6 +18,7 @@ from hogwild.contracts.sft_config import ApolloHyper, ApolloStructure, Rounding,
 
 from .apollo import apply_hyper, build_optimizer, is_projected, optimizer_state_bytes
 from .batches import Sample, collate
+from .data_parallel import DataParallel
 from .losses import continuation_nll, token_nll
 from .optimizer_state import load_optimizer_state, optimizer_state_to_bytes, read_extra
 from .rounding import default_rounding, rounding_generator, small_update_warning, typical_spacing
@@ -78,6 +79,8 @@ class SFTTrainer:
         self.device = next(model.parameters()).device
         # A tensor-parallel rank's model (``tensor_parallel.parallelize``): its logits are split by vocabulary.
         self.tensor_parallel = getattr(model, "hogwild_tensor_parallel", None)
+        # Set while a job of a replica group trains (``data_parallel.DataParallel``): each step's gradients are summed across replicas.
+        self.data_parallel: DataParallel | None = None
         self.token_nll = self.tensor_parallel.vocab.nll if self.tensor_parallel else token_nll
         # The smallest change a typical projected weight can hold (None in fp32).
         self.weight_spacing = typical_spacing([p for n, p in model.named_parameters() if is_projected(n, p)])
@@ -147,13 +150,20 @@ class SFTTrainer:
         Returns (loss, grad norm, skip reason)."""
         apply_hyper(self.optimizer, self.hyper, warmup_lr(options.lr, options.warmup_steps, self.global_step))
         self.optimizer.zero_grad(set_to_none=True)
-        loss_value = 0.0
+        loss_value, bad_loss = 0.0, None
         for loss, share in micro_batches:
             if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                return float(loss.detach()), None, "loss is not finite; step skipped, weights unchanged"
+                bad_loss = float(loss.detach())
+                break
             (loss * share).backward()
             loss_value += float(loss.detach()) * share
+        finite = bad_loss is None
+        if self.data_parallel is not None:  # every replica's gradients summed, before any weight is written
+            reduced = self.data_parallel.reduce_step(self.params, loss_value, finite)
+            loss_value, finite = reduced.loss, reduced.finite
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return bad_loss if bad_loss is not None else loss_value, None, "loss is not finite; step skipped, weights unchanged"
         tp = self.tensor_parallel
         if tp is not None:
             sync_gradients(self.model, tp)

@@ -93,10 +93,12 @@ def evaluation_items(items: Sequence, max_tokens: int, labelled: Callable[[Any],
     return chosen
 
 
-def micro_batches(loss: ModeLoss, items: list, micro_batch_size: int, stats: list) -> Iterator[tuple[torch.Tensor, float]]:
+def micro_batches(loss: ModeLoss, items: list, micro_batch_size: int, stats: list,
+                  total: float | None = None) -> Iterator[tuple[torch.Tensor, float]]:
     """(loss, share of the step) of each micro-batch of ``items``, its forward run when asked
-    for; each micro-batch's statistics are appended to ``stats``."""
-    total = sum(loss.weight(item) for item in items)
+    for; each micro-batch's statistics are appended to ``stats``. ``total``: the step's whole
+    weight, when ``items`` are only this replica's share of it (data parallel)."""
+    total = sum(loss.weight(item) for item in items) if total is None else total
     for i in range(0, len(items), micro_batch_size):
         chunk = items[i : i + micro_batch_size]
         value, chunk_stats = loss(chunk)
@@ -129,7 +131,10 @@ def run_steps(weights: SFTTrainer, loss: ModeLoss, items: Sequence, options: SFT
             break
         batch = [items[j] for j in index]
         stats: list = []
-        value, grad_norm, skip_reason = weights.step(micro_batches(loss, batch, options.micro_batch_size, stats), options)
+        # Across replicas (data parallel) each trains its share, weighted as a part of the whole batch.
+        mine = weights.data_parallel.share(batch, loss.weight) if weights.data_parallel is not None else batch
+        parts = micro_batches(loss, mine, options.micro_batch_size, stats, sum(loss.weight(item) for item in batch))
+        value, grad_norm, skip_reason = weights.step(parts, options)
         result.last_loss, result.last_grad_norm = value, grad_norm
         if skip_reason is None:
             result.steps += 1

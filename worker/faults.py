@@ -2,7 +2,7 @@
 
 Off unless ``HOGWILD_TEST_FAULTS`` (``envs.test_faults``) names a file (the test suite sets it on a server of its
 own); then every ``point`` reads that file, and when it holds a fault for this phase and
-job mode, ``{"phase": ..., "mode": ... | null, "action": "raise" | "kill"}``, the file is
+job mode, ``{"phase": ..., "mode": ... | null, "action": "raise" | "kill" | "hang"}``, the file is
 renamed to ``<file>.fired`` (with the job's id added: proof that it fired, once) and the
 fault happens. Off, a point costs one dictionary look-up.
 
@@ -11,7 +11,9 @@ Phases, in a job's order: ``admission`` (after the kind's checks, before queuein
 written: a global optimizer step pre-hook), ``after_last_step`` (the job's last progress
 report), ``evaluation`` (the first forward after the last step), ``journal_write`` (the
 job's final record), ``event_send`` (the job_finished event), and ``checkpoint`` (the
-start of a checkpoint sync, whatever job came before: its ``mode`` is null).
+start of a checkpoint sync, whatever job came before: its ``mode`` is null). In a replica group,
+a follower's ``replica_share`` comes before its share of a job's first step (``hang`` there
+holds the whole group's job in its first collective, for a test to kill the replica).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from hogwild import envs
 
 logger = logging.getLogger("hogwild.worker")
 PHASES = ("admission", "memory_check", "before_first_step", "mid_step", "after_last_step", "evaluation", "journal_write",
-          "event_send", "checkpoint")
+          "event_send", "checkpoint", "replica_share")
 
 
 class InjectedFault(RuntimeError):
@@ -59,6 +61,8 @@ def point(phase: str, job=None, mode: str | None = None) -> None:
     logger.error("injected fault: %s at %s (%s)", spec.get("action"), phase, mode)
     if spec.get("action") == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if spec.get("action") == "hang":
+        threading.Event().wait()
     raise InjectedFault(f"injected fault at {phase}")
 
 

@@ -141,7 +141,7 @@ class JobBook:
         if step == total:
             faults.last_step_done(job)
         now = time.monotonic()
-        if now - job.last_saved >= 1.0:
+        if job.op is not None and now - job.last_saved >= 1.0:  # a replica group's mirrored job is the leader's to journal
             job.last_saved = now
             self.journal.save(job.info, durable=False)
 
@@ -169,6 +169,26 @@ class JobBook:
             self.journal.forget(old)
             for job_id in old:
                 del self.jobs[job_id]
+
+    def mirror(self, info: JobInfo) -> Job:
+        """A replica group's job that the leader admitted and journaled, running on this replica
+        too: answerable here, never journaled here."""
+        with self.cv:
+            job = Job(None, info.model_copy(update={"state": "running", "trainer_id": self.trainer_id,
+                                                    "started_at": time.time()}))
+            self.jobs[info.job_id] = self.running = job
+            return job
+
+    def end_mirror(self, info: JobInfo) -> Job:
+        """The leader ended a mirrored job as ``info`` says."""
+        with self.cv:
+            job = self.jobs.get(info.job_id) or Job(None, info)
+            job.info = info
+            self.jobs[info.job_id] = job
+            if self.running is job:
+                self.running = None
+            self._finish(job, save=False)
+            return job
 
     def idle(self) -> bool:
         with self.cv:

@@ -10,12 +10,21 @@ mapping therefore cannot train anything.
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+from hogwild.contracts.protocol import ParityOp, ParityReport
+
+if TYPE_CHECKING:
+    from .service import TrainerService
+
+logger = logging.getLogger("hogwild.worker")
 
 PROBE_LENGTH = 64
 # |trainer - vLLM| <= atol + rtol * |vLLM's log-prob| at a position. fp32: what the two
@@ -83,3 +92,22 @@ def first_differing_tensor(served: dict[str, torch.Tensor], model_dir: Path) -> 
         if stored is not None and (tuple(stored.shape) != tuple(value.shape) or not torch.equal(stored.to(value.dtype), value.cpu())):
             return name
     return None
+
+
+def verify_parity(service: TrainerService, op: ParityOp) -> ParityReport:
+    """The gate on the trainer (its ``ParityOp``): ready if its forward matches vLLM's, else training stays off."""
+    if service.state != "verifying":
+        return service.parity
+    result = compare(service._logprobs(service.parity.probe_ids), op.engine_logprobs, service.manifest.dtype)
+    if not result.passed:
+        result.first_differing_tensor = first_differing_tensor(dict(service.access.model.named_parameters()), service.model_dir())
+    service.parity = service.parity.model_copy(update=dict(
+        state="passed" if result.passed else "failed", max_abs_diff=result.max_abs_diff, position=result.position,
+        tolerance=list(result.tolerance), positions_beyond=result.beyond, first_differing_tensor=result.first_differing_tensor))
+    if result.passed:
+        service.state = "ready"
+        service.gate_done.set()
+        logger.info("trainer ready: its forward matches vLLM's (max |d log p| %.3g)", result.max_abs_diff)
+    else:
+        service._fail("unsupported", result.reason())
+    return service.parity

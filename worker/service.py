@@ -58,10 +58,11 @@ from .journal import JobJournal
 from .kinds import Outcome, kind_of
 from .ledger import Ledger
 from .model_access import ModelAccess
-from .parity import compare, first_differing_tensor, probe_ids
+from .parity import probe_ids, verify_parity
 from .process_memory import release_free_heap
 from .rank_group import RankGroup, agree, gather_bindings, gather_errors, group_device
 from .rank_work import restore_optimizer, token_logprobs
+from .replica_group import ReplicaGroup
 from .reward_heads import HeadBook
 from .status import TrainedTotals, trainer_status
 from .views import Binding, UnsupportedModel, bind
@@ -93,6 +94,7 @@ class TrainerService:
         self.heap_held = False  # a job's freed memory not yet handed back to the OS
         self.trained = TrainedTotals()  # what this trainer process has trained, for metrics
         self.group: RankGroup | None = None  # the other tensor-parallel ranks, when vLLM serves with TP > 1
+        self.replicas: ReplicaGroup | None = None  # the other serving replicas that train with this one (HOGWILD_GROUP)
         self.heads = HeadBook()
         # Circuit-breaker adapters merged into the served weights, kept so that they
         # can be reverted exactly; in the session directory, so a restarted trainer has them.
@@ -114,7 +116,7 @@ class TrainerService:
             CancelOp: (None, lambda op: self.cancel(op.job_id)),
             CheckpointOp: (self.model_ops, self.checkpoint),
             TokenLogprobsOp: (self.model_ops, self.token_logprobs),
-            ParityOp: (self.model_ops, self.verify_parity),
+            ParityOp: (self.model_ops, lambda op: verify_parity(self, op)),
             HeadScoresOp: (self.reader_ops, self.head_scores),  # beside a running job (HOGWILD)
         }
 
@@ -194,25 +196,6 @@ class TrainerService:
             self.optimizer_state_bytes = self.trainer.optimizer_bytes()
         self.checkpointer.restored = restored
 
-    def verify_parity(self, op: ParityOp) -> ParityReport:
-        """The parity gate (``parity.py``): ready if the trainer's forward matches vLLM's, else training stays off."""
-        if self.state != "verifying":
-            return self.parity
-        result = compare(self._logprobs(self.parity.probe_ids), op.engine_logprobs, self.manifest.dtype)
-        if not result.passed:
-            result.first_differing_tensor = first_differing_tensor(dict(self.access.model.named_parameters()), self.model_dir())
-        self.parity = self.parity.model_copy(update=dict(
-            state="passed" if result.passed else "failed", max_abs_diff=result.max_abs_diff, position=result.position,
-            tolerance=list(result.tolerance), positions_beyond=result.beyond,
-            first_differing_tensor=result.first_differing_tensor))
-        if result.passed:
-            self.state = "ready"
-            self.gate_done.set()
-            logger.info("trainer ready: its forward matches vLLM's (max |d log p| %.3g)", result.max_abs_diff)
-        else:
-            self._fail("unsupported", result.reason())
-        return self.parity
-
     def model_dir(self) -> Path:
         return Path(self.manifest.model)
 
@@ -234,10 +217,13 @@ class TrainerService:
     def handle(self, request: Request, client: bytes) -> Reply | None:
         """The reply, or None when the op runs on another thread and its reply goes to
         the outbox later (the transport never waits for the model)."""
+        if self.replicas is not None and self.replicas.forwards(request.body):  # a follower: the leader answers
+            self.replicas.forwarding.submit(lambda: self.send(client, self.replicas.forward(request)))
+            return None
         executor = self.ops.get(type(request.body), (None, None))[0]
         if executor is None:
-            return self._answer(request)
-        executor.submit(lambda: self.send(client, self._answer(request)))
+            return self.answer(request)
+        executor.submit(lambda: self.send(client, self.answer(request)))
         return None
 
     def send(self, client: bytes | None, message: Reply | Event) -> None:
@@ -245,7 +231,7 @@ class TrainerService:
         self.outbox.put((client, message))
         self.doorbell()
 
-    def _answer(self, request: Request) -> Reply:
+    def answer(self, request: Request) -> Reply:
         body = request.body
         try:
             handler = self.ops.get(type(body), (None, None))[1]
@@ -292,6 +278,8 @@ class TrainerService:
         if self.group is not None and not kind.tensor_parallel:
             raise OpError("unsupported", f"{op.mode} training with tensor parallel size {self.group.size} is not supported "
                           "yet (sft and preference are): serve with tensor parallel size 1 for it")
+        if self.replicas is not None:
+            self.replicas.admit(kind, op)
         self.check_token_ids(op.token_lists())
         admission = kind.admit(self, op)
         faults.point("admission", mode=op.mode)
@@ -330,6 +318,8 @@ class TrainerService:
         """``kind.train`` on ``items`` (the admitted samples of ``request``), on every rank;
         the caller holds the model. A failure other than the job's own refusal leaves the
         ranks out of step: the trainer then restarts them once the job is reported."""
+        if self.replicas is not None:
+            return self.replicas.train(kind, request, items, on_step, should_stop)
         if self.group is None:
             return kind.train(self, items, request.options, on_step=on_step, should_stop=should_stop)
         try:
@@ -353,10 +343,22 @@ class TrainerService:
                                   weights_changed=False, trainer_idle=self.jobs.running is None and self.jobs.idle()))
         return info
 
+    def report_end(self, job: Job, weights_changed: bool) -> None:
+        """The job_finished event to every API server process (a lost one is made up for by the callers' own polling)."""
+        try:
+            faults.point("event_send", job)
+            self.send(None, Event(event="job_finished", trainer_id=self.trainer_id, job=job.info, weights_version=self.weights_version,
+                                  weights_changed=weights_changed, trainer_idle=self.jobs.idle()))
+        except Exception:
+            logger.exception("job %s: its job_finished event was not sent (waiting callers poll for it)", job.info.job_id)
+
     # ---- the job thread -------------------------------------------------
 
     def job_loop(self) -> None:
         self.load()
+        if envs.replica_group() is not None and self.state != "failed":
+            self.replicas = ReplicaGroup(self, *envs.replica_group(), envs.replica_group_timeout_s())
+            self.replicas.start()
         while not self.stopping and not self.gate_done.wait(0.5):
             pass  # jobs recovered from the journal wait for the parity gate
         while not self.stopping:
@@ -423,6 +425,8 @@ class TrainerService:
         info.finished_at, info.weights_version, info.error = time.time(), self.weights_version, error
         if self.weights_version != version_before:
             self.checkpointer.schedule()
+        if self.replicas is not None:  # the other replicas' callers see it ended no later than this one's
+            self.replicas.announce_end(info.model_copy(update={"state": state}))
         info.state = state  # last: whoever sees a finished job sees all of it
         try:
             faults.point("journal_write", job)
@@ -433,12 +437,7 @@ class TrainerService:
             info.error = f"its end could not be journaled ({type(exc).__name__}: {exc}); it had ended {state}" + (
                 f": {error}" if error else "")
             self.jobs.end(job, journal=False)
-        try:
-            faults.point("event_send", job)
-            self.send(None, Event(event="job_finished", trainer_id=self.trainer_id, job=info, weights_version=self.weights_version,
-                                  weights_changed=self.weights_version != version_before, trainer_idle=self.jobs.idle()))
-        except Exception:
-            logger.exception("job %s: its job_finished event was not sent (waiting callers poll for it)", info.job_id)
+        self.report_end(job, self.weights_version != version_before)
         if self.group is not None and self.group.broken:
             logger.error("a job failed midway on the tensor-parallel ranks; restarting them")
             time.sleep(0.5)  # the event out first

@@ -70,4 +70,5 @@ def trainer_status(service: TrainerService) -> TrainerStatus:
         heads=service.heads.info, adapters=service.adapters.history(), checkpoint=service.checkpointer.status(),
         optimizer=optimizer, memory=memory, totals=totals(service),
         journal={"unreadable": [vars(u) for u in service.jobs.unreadable]},
-        tensor_parallel={"size": service.group.size, "ranks": service.group.ranks} if service.group else {"size": 1})
+        tensor_parallel={"size": service.group.size, "ranks": service.group.ranks} if service.group else {"size": 1},
+        group=service.replicas.info().model_dump() if service.replicas else None)

@@ -39,6 +39,10 @@ class Metrics:
         self.queue_depth = gauge("hogwild_queue_depth", "Training jobs waiting")
         self.trainer_up = gauge("hogwild_trainer_up", "1 while the training process answers and is ready to train")
         self.since_step = gauge("hogwild_seconds_since_last_step", "Seconds since the last optimizer step")
+        self.group_consistent = gauge("hogwild_group_consistent", "1 while every replica of this replica's group has the "
+                                      "same weights (the last fingerprint comparison), 0 otherwise; absent alone")
+        self.group_stale = gauge("hogwild_group_stale", "1 until this replica has the group's weights (a load balancer may "
+                                 "hold it out meanwhile), 0 after; absent alone")
         self.since_checkpoint = gauge("hogwild_seconds_since_last_checkpoint", "Seconds since the last checkpoint sync")
         self._seen: tuple[str | None, dict] = (None, {})  # (trainer id, its totals at the last refresh)
         self._restarts = 0
@@ -71,6 +75,9 @@ class Metrics:
             self.rl_last_step.labels(stat=stat).set(value)
         self.weights_version.set(status.weights_version)
         self.queue_depth.set(len(status.queue))
+        if status.group is not None:
+            self.group_consistent.set(1 if status.group.get("consistent") else 0)
+            self.group_stale.set(1 if status.group.get("stale") else 0)
         now = time.time()
         for gauge, key in ((self.since_step, "last_step_at"), (self.since_checkpoint, "last_checkpoint_at")):
             if totals.get(key) is not None:

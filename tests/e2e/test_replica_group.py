@@ -169,6 +169,25 @@ def test_a_job_posted_to_either_replica_changes_both_alike(replicas, capsys):
     assert "replica 0 " in printed and "replica 1 " in printed, printed
 
 
+def test_a_job_cancelled_through_a_follower_stops_every_replica_at_the_same_step(replicas):
+    r = replicas[1].http.post("/train", json={"samples": SAMPLES, **OPTIONS, "steps": 5000, "lr": 1e-6})
+    assert r.status_code == 200, r.text
+    job_id = r.json()["job_id"]
+    deadline = time.monotonic() + 60
+    while replicas[1].http.get(f"/train/{job_id}").json()["step"] < 2:  # running on the follower too
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert replicas[1].http.delete(f"/train/{job_id}").status_code == 200
+    deadline = time.monotonic() + 60
+    while (info := replicas[1].http.get(f"/train/{job_id}").json())["state"] not in ("cancelled", "succeeded", "failed"):
+        assert time.monotonic() < deadline, info
+        time.sleep(0.2)
+    assert info["state"] == "cancelled" and replicas[0].http.get(f"/train/{job_id}").json()["state"] == "cancelled"
+    groups = wait_ready(replicas)
+    assert groups[0]["fingerprint"] == groups[1]["fingerprint"] and groups[0]["consistent"]
+    assert replicas[0].score() == replicas[1].score()
+
+
 @pytest.mark.parametrize("body, fragment", [
     ({"mode": "circuit_breaker"}, "circuit_breaker training in a replica group is not supported yet"),
 ])

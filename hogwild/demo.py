@@ -320,10 +320,11 @@ class Demo:
                 self.note(f"    job {job['job_id']} posted to replica {rank}: {job['state']}, loss {job['result']['loss_before']:.3f} "
                           f"-> {job['result']['loss_after']:.3f}; /v1/score of the target on replicas 0 and 1: "
                           f"{rows[-1][1][0]:.4f}, {rows[-1][1][1]:.4f} (equal: {rows[-1][1][0] == rows[-1][1][1]})")
-            group = https[1].get("/train/status").json()["group"]
-            for m in group["members"]:
-                self.note(f"    replica {m['rank']} (pid {m['pid']}): {m['state']}, weights version {m['weights_version']}, "
-                          f"fingerprint {m['fingerprint']}")
+            for rank, h in enumerate(https):
+                status = h.get("/train/status").json()
+                group = status["group"]
+                self.note(f"    replica {rank} (pid {status['pid']}): group {group['state']}, weights version "
+                          f"{group['weights_version']}, fingerprint {group['fingerprint']}, optimizer step {status['optimizer']['step']}")
             self.note(f"    the group: consistent {group['consistent']}, stale {group['stale']}; gradient bytes all-reduced by "
                       f"replica 1 in the last job: {group['last_job']['allreduce_bytes'] / 2**20:.1f} MiB, weight bytes sent: 0")
             with self.figure("replicas.png", "the target's log-likelihood on each replica") as (fig, ax):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -32,7 +31,6 @@ from hogwild.contracts.jobs import JOB_REQUESTS
 from hogwild.contracts.protocol import CancelOp, JobInfo, JobOp, OpError, Reply, Request
 from hogwild.contracts.replica_group import (
     EndedCommand,
-    ForwardedRequest,
     GroupEnvelope,
     GroupInfo,
     MemberRecord,
@@ -41,6 +39,7 @@ from hogwild.contracts.replica_group import (
 from hogwild.training.data_parallel import DataParallel
 
 from . import faults
+from .replica_channel import forward, receive, send, serve_inbox
 from .replica_sync import GroupRefused, catch_up, compare, gather_numbers
 
 if TYPE_CHECKING:
@@ -50,23 +49,7 @@ logger = logging.getLogger("hogwild.worker")
 
 JOIN_ATTEMPT_S = 30.0  # one try at forming a generation's process group
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # a step waits for the slowest replica's forward and backward
-FORWARD_TIMEOUT_S = 60.0  # a follower waits this long for the leader's answer to a forwarded request
 SILENT_AFTER_S = 3.0  # a member whose record is older than this is gone
-
-
-def send(group, envelope: GroupEnvelope) -> None:
-    data = torch.frombuffer(bytearray(envelope.model_dump_json().encode()), dtype=torch.uint8)
-    length = torch.tensor([data.numel()], dtype=torch.int64)
-    group.broadcast(length, 0).wait()
-    group.broadcast(data, 0).wait()
-
-
-def receive(group) -> GroupEnvelope:
-    length = torch.zeros(1, dtype=torch.int64)
-    group.broadcast(length, 0).wait()
-    data = torch.empty(int(length.item()), dtype=torch.uint8)
-    group.broadcast(data, 0).wait()
-    return GroupEnvelope.model_validate_json(bytes(data.numpy()))
 
 
 class ReplicaGroup:
@@ -86,6 +69,7 @@ class ReplicaGroup:
         self.members: list[MemberRecord] = []
         self.heard: dict[int, tuple[float, float]] = {}  # rank -> (its record's seen_at, when it last changed here)
         self.formed_with: dict[int, str] = {}  # rank -> trainer id, in the current generation
+        self.formed_at = 0.0
         self.store = None  # this replica's client of the group's store (the leader's: the server)
         self.group = None  # the current generation's process group
         self.broken = threading.Event()
@@ -132,18 +116,7 @@ class ReplicaGroup:
 
     def forward(self, request: Request) -> Reply:
         """The leader's answer to ``request`` (through the group's store)."""
-        key = f"reply/{self.rank}/{secrets.token_hex(8)}"
-        try:
-            store = dist.TCPStore(self.host, self.port, is_master=False, timeout=timedelta(seconds=FORWARD_TIMEOUT_S))
-            store.queue_push("inbox", ForwardedRequest(reply_key=key, request=request).model_dump_json())
-            store.wait([key])
-            reply = Reply.model_validate_json(store.get(key))
-            store.delete_key(key)
-            return reply
-        except Exception as exc:
-            return Reply(id=request.id, ok=False, error={"code": "unavailable", "message": (
-                f"this replica (rank {self.rank}) could not reach the group's leader, replica 0, through {self.address}: "
-                f"{type(exc).__name__}: {exc}")})
+        return forward(self.host, self.port, self.address, self.rank, request)
 
     def train(self, kind, request, items, on_step, should_stop):
         """The leader: run a job on every replica, each on its share of every step; then compare fingerprints."""
@@ -284,6 +257,7 @@ class ReplicaGroup:
             self.catch_up = done.as_dict()
             ids = gather_numbers(self.group, int(service.trainer_id, 16), self.device)
             self.formed_with = {rank: f"{value:012x}" for rank, value in enumerate(ids)}
+            self.formed_at = time.monotonic()
             self._compare(None)
         self.stale = not self.consistent
         if self.consistent:
@@ -397,22 +371,7 @@ class ReplicaGroup:
     # ---- the leader's inbox and everyone's record ---------------------------
 
     def _inbox(self) -> None:
-        store = None
-        while not self.service.stopping:
-            try:
-                if store is None:
-                    store = dist.TCPStore(self.host, self.port, is_master=False, timeout=timedelta(seconds=1))
-                raw = store.queue_pop("inbox", True)
-            except Exception:
-                store = None if self.store is None else store
-                time.sleep(0.05 if store is not None else 1.0)
-                continue
-            forwarded = ForwardedRequest.model_validate_json(raw)
-            reply = self.service.answer(forwarded.request)
-            try:
-                store.set(forwarded.reply_key, reply.model_dump_json())
-            except Exception:
-                logger.exception("replica group: could not answer a forwarded request")
+        serve_inbox(self.host, self.port, self.service)
 
     def record(self) -> MemberRecord:
         return MemberRecord(rank=self.rank, host=socket.gethostname(), pid=os.getpid(), trainer_id=self.service.trainer_id,
@@ -429,6 +388,8 @@ class ReplicaGroup:
         breaks the group now, so that it forms again with the replica's next incarnation (in a
         job, the job's collective fails on its own)."""
         if not self.leader or self.state not in ("ready", "inconsistent") or not self.formed_with:
+            return
+        if time.monotonic() - self.formed_at < SILENT_AFTER_S + 1.0:  # records read before it formed may be older
             return
         live = {m.rank: m.trainer_id for m in self.members if m.rank in self._live_ranks()}
         gone = [r for r, trainer in self.formed_with.items() if r != self.rank and live.get(r) != trainer]

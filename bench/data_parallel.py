@@ -92,6 +92,7 @@ def run(quick: bool = False, log=print) -> dict:
             out["model"]["bytes"] = status(alone)["memory"]["param_bytes"]
         finally:
             alone.stop()
+            shutil.rmtree(alone.env["HOGWILD_SESSION_DIR"], ignore_errors=True)
         log("two replicas in one group, one core each")
         address = f"127.0.0.1:{free_port()}"
         replicas = []

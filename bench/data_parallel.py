@@ -20,7 +20,7 @@ import os
 import shutil
 import signal
 import tempfile
-import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from pathlib import Path
 
@@ -100,12 +100,9 @@ def run(quick: bool = False, log=print) -> dict:
             shutil.copytree(path, work / f"replica{rank}-model")
             replicas.append(start(work / f"replica{rank}-model", work, f"replica{rank}", str(rank), 1, {
                 "HOGWILD_GROUP": address, "HOGWILD_GROUP_SIZE": "2", "HOGWILD_GROUP_RANK": str(rank)}))
-        threads = [threading.Thread(target=s.start, kwargs={"timeout": 900}) for s in replicas]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
         try:
+            with ThreadPoolExecutor(len(replicas)) as pool:  # started side by side; the first failure raises
+                list(pool.map(lambda s: s.start(timeout=900), replicas))
             for s in replicas:
                 s.wait_trainer(timeout=600)
             wait_group_ready(replicas)

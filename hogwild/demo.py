@@ -279,7 +279,7 @@ class Demo:
         """Two `vllm serve` replicas of the untrained model (fresh copies, one core each) in one
         group (HOGWILD_GROUP); a job posted to replica 1, then one to replica 0; both replicas'
         scores of the target after each, and what `/train/status` says of the group."""
-        import threading
+        from concurrent.futures import ThreadPoolExecutor
 
         from hogwild.launch import free_port
 
@@ -295,12 +295,9 @@ class Demo:
                 "VLLM_CPU_OMP_THREADS_BIND": str(rank)}))
             say(f"starting: HOGWILD_GROUP={address} HOGWILD_GROUP_SIZE=2 HOGWILD_GROUP_RANK={rank} VLLM_PLUGINS=hogwild "
                 f"vllm {' '.join(servers[-1].args)}")
-        threads = [threading.Thread(target=s.start) for s in servers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
         try:
+            with ThreadPoolExecutor(len(servers)) as pool:  # started side by side; the first failure raises
+                list(pool.map(VllmServer.start, servers))
             https = [httpx.Client(base_url=s.url, timeout=600) for s in servers]
             deadline = time.monotonic() + 300
             while not all((g := h.get("/train/status").json().get("group")) and g["state"] == "ready" for h in https):

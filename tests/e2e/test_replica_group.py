@@ -9,8 +9,8 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -70,7 +70,7 @@ class Replica:
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
-            shutil.rmtree(self.handle.session, ignore_errors=True)
+            shutil.rmtree(self.server.env["HOGWILD_SESSION_DIR"], ignore_errors=True)
 
 
 def wait_ready(replicas, timeout: float = 240.0) -> list[dict]:
@@ -93,13 +93,9 @@ def replicas(tiny_model_dir, tmp_path_factory, fault_file):
     tmp = tmp_path_factory.mktemp("replica-group")
     address = f"127.0.0.1:{free_port()}"
     group = [Replica(tiny_model_dir, tmp, rank, address, fault_file) for rank in range(2)]
-    threads = [threading.Thread(target=r.start) for r in group]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
     try:
-        assert all(r.handle is not None for r in group), "a replica did not start"
+        with ThreadPoolExecutor(len(group)) as pool:  # started side by side; the first failure raises
+            list(pool.map(Replica.start, group))
         wait_ready(group)
         yield group
     finally:

@@ -19,6 +19,7 @@ from .btrm_config import BTRMConfig
 from .circuit_breaker_config import CBConfig, CBSample
 from .preference_config import PreferenceOptions
 from .rl_config import RLOptions
+from .served_adapter import ADAPTER_NAME, AdapterSpec
 from .sft_config import SFTOptions, count_steps
 
 TokenId = Annotated[int, Field(ge=0)]
@@ -45,6 +46,7 @@ class JobInfo(BaseModel):
     result: dict[str, Any] | None = None
     error: str | None = None
     weights_version: int | None = None  # the weights' version when the job ended
+    adapter: str | None = None  # the adapter the job trains (None: the full weights)
 
     @property
     def done(self) -> bool:
@@ -72,6 +74,10 @@ class JobRequestBase(BaseModel):
     def planned_steps(self) -> int:
         return 0
 
+    def adapter_name(self) -> str | None:
+        """The served adapter the job trains or changes (None: the full weights, or nothing served)."""
+        return None
+
 
 class TrainSample(BaseModel):
     """One supervised sample, as token ids (no tokenizer on the server side)."""
@@ -84,12 +90,13 @@ class TrainSample(BaseModel):
 
 
 class SubmitOp(JobRequestBase):
-    """Supervised full-weight training (``mode: sft``)."""
+    """Supervised training (``mode: sft``) of the full weights, or of ``adapter`` on the frozen base."""
 
     op: Literal["submit"] = "submit"
     mode: Literal["sft"] = "sft"
     samples: list[TrainSample] = Field(min_length=1)
     options: SFTOptions = SFTOptions()
+    adapter: AdapterSpec | None = None
 
     def sample_count(self) -> int:
         return len(self.samples)
@@ -105,6 +112,21 @@ class SubmitOp(JobRequestBase):
 
     def planned_steps(self) -> int:
         return count_steps(len(self.samples), self.options)
+
+    def adapter_name(self) -> str | None:
+        return self.adapter.name if self.adapter is not None else None
+
+
+class SubmitAdapterDeleteOp(JobRequestBase):
+    """Forget a served adapter (``DELETE /adapters/<name>``): the trainer deletes its copies, then
+    vLLM stops serving it. A job, so that it comes after the jobs queued before it."""
+
+    op: Literal["submit_adapter_delete"] = "submit_adapter_delete"
+    mode: Literal["adapter_delete"] = "adapter_delete"
+    name: str = Field(pattern=ADAPTER_NAME)
+
+    def adapter_name(self) -> str | None:
+        return self.name
 
 
 class BTRMSample(BaseModel):
@@ -321,5 +343,5 @@ class SubmitRLOp(JobRequestBase):
 
 
 JOB_REQUESTS = (SubmitOp, SubmitBTRMOp, SubmitCircuitBreakerOp, SubmitRevertOp, SubmitReadoutOp, SubmitPreferenceOp,
-                SubmitRLOp)
+                SubmitRLOp, SubmitAdapterDeleteOp)
 JobRequest = Annotated[Union[JOB_REQUESTS], Field(discriminator="op")]

@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .served_adapter import ServedAdapter
 from .jobs import JOB_REQUESTS, TERMINAL_STATES, JobInfo, JobRequest, JobState, TokenId
 
 PROTOCOL_VERSION = 2
@@ -45,7 +46,8 @@ class TrainerStatus(BaseModel):
     weights_version: int
     ledger_size: int
     heads: dict[str, Any] | None = None
-    adapters: list[dict[str, Any]] = []
+    adapters: list[dict[str, Any]] = []  # circuit-breaker adapters merged into the weights
+    served_adapters: list[ServedAdapter] = []  # adapters trained on the frozen base, served by name (--enable-lora)
     checkpoint: dict[str, Any] = {}
     optimizer: dict[str, Any] = {}
     memory: dict[str, Any] = {}

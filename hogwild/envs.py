@@ -6,6 +6,7 @@ current environment. The README's settings table lists the same variables.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,6 +24,19 @@ def _float(name: str, default: float) -> float:
 def admin_key() -> str | None:
     """Key for the routes that change the model (else the server's API key)."""
     return os.environ.get("HOGWILD_ADMIN_KEY") or None
+
+
+def adapter_keys() -> dict[str, list[str]]:
+    """``HOGWILD_ADAPTER_KEYS``: a JSON object {key: [adapter names]}: keys that train and delete
+    those adapters only. Raises ValueError for anything else."""
+    raw = os.environ.get("HOGWILD_ADAPTER_KEYS")
+    if not raw:
+        return {}
+    value = json.loads(raw)
+    if not (isinstance(value, dict) and all(isinstance(k, str) and k and isinstance(v, list) and v
+                                             and all(isinstance(n, str) and n for n in v) for k, v in value.items())):
+        raise ValueError('HOGWILD_ADAPTER_KEYS must be a JSON object {"<key>": ["<adapter>", ...], ...}')
+    return value
 
 
 def allow_unauthenticated_training() -> bool:
@@ -86,6 +100,12 @@ def max_body_bytes() -> int:
 
 def max_queued_jobs() -> int:
     return _int("HOGWILD_MAX_QUEUED_JOBS", 16)
+
+
+def max_adapters() -> int:
+    """Adapters the trainer holds at most (``/train`` with ``adapter``); vLLM's --max-loras bounds
+    only how many are in its LoRA slots at once."""
+    return _int("HOGWILD_MAX_ADAPTERS", 64)
 
 
 def trainer_memory_limit() -> int | None:

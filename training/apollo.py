@@ -47,13 +47,14 @@ class SplitMatrix:
     group: object = None
 
 
-def build_optimizer(model: torch.nn.Module, structure: ApolloStructure, hyper: ApolloHyper):
+def build_optimizer(model: torch.nn.Module, structure: ApolloStructure, hyper: ApolloHyper, project: bool = True):
     """A ``RoundingApollo`` over every trainable parameter of ``model``; on a tensor-parallel
-    rank it knows which projected weights are parts of one (``SplitMatrix``)."""
+    rank it knows which projected weights are parts of one (``SplitMatrix``). ``project=False``:
+    no parameter is projected, so it is AdamW (LoRA factors, already low-rank)."""
     projected, plain = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (projected if is_projected(name, param) else plain).append(param)
+            (projected if project and is_projected(name, param) else plain).append(param)
     groups = [{"params": plain}]
     if projected:
         groups.append(

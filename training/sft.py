@@ -69,6 +69,8 @@ def warmup_lr(peak: float, warmup_steps: int, step: int) -> float:
 class SFTTrainer:
     """Holds a causal LM and one APOLLO optimizer across jobs."""
 
+    projects = True  # APOLLO projects the gradients of the blocks' matrices (``apollo.build_optimizer``)
+
     def __init__(self, model: torch.nn.Module, pad_id: int = 0):
         self.model = model
         self.pad_id = pad_id
@@ -108,7 +110,7 @@ class SFTTrainer:
         """Rebuild the optimizer saved by ``save_state`` over this model's parameters."""
         extra = read_extra(json_bytes)
         structure, hyper = ApolloStructure(**extra["structure"]), ApolloHyper(**extra["hyper"])
-        optimizer = build_optimizer(self.model, structure, hyper)
+        optimizer = build_optimizer(self.model, structure, hyper, self.projects)
         load_optimizer_state(optimizer, tensor_bytes, json_bytes)
         self.optimizer, self.structure, self.hyper, self.global_step = optimizer, structure, hyper, int(extra["global_step"])
 
@@ -135,7 +137,7 @@ class SFTTrainer:
         structure = options.structure()
         if self.optimizer is None or structure != self.structure or options.reset_optimizer:
             reset = self.optimizer is not None
-            self.optimizer = build_optimizer(self.model, structure, options.hyper())
+            self.optimizer = build_optimizer(self.model, structure, options.hyper(), self.projects)
             self.structure = structure
         self.hyper = options.hyper()
         rounding = self.hyper.rounding or default_rounding(self.model)

@@ -83,7 +83,8 @@ class JobBook:
             if len(self.pending) >= self.max_queued:
                 raise OpError("busy", f"{len(self.pending)} jobs are queued, the limit is {self.max_queued}; retry later")
             info = JobInfo(job_id=f"job-{secrets.token_hex(6)}", trainer_id=self.trainer_id, mode=op.mode, state="queued",
-                           n_samples=n_samples, skipped_ids=skipped_ids, warnings=warnings or [], submitted_at=time.time())
+                           n_samples=n_samples, skipped_ids=skipped_ids, warnings=warnings or [], submitted_at=time.time(),
+                           adapter=op.adapter_name())
             job = Job(op, info)
             self.journal.save_request(info.job_id, op)  # durable before the caller hears "queued"
             self.journal.save(info)

@@ -101,6 +101,9 @@ class ReplicaGroup:
                           "rl are): it would change one replica only")
         if getattr(getattr(op, "options", None), "reward_heads", None):
             raise OpError("unsupported", "reward_heads in a replica group is not supported yet: send rewards")
+        if getattr(op, "adapter", None) is not None:
+            raise OpError("unsupported", "adapter training in a replica group is not built yet: train adapters on a "
+                          "replica alone")
         if self.state == "refused":
             raise OpError("unsupported", f"the replica group cannot train: {self.reason}")
         if self.state != "ready":

@@ -64,6 +64,7 @@ from .rank_group import RankGroup, agree, gather_bindings, gather_errors, group_
 from .rank_work import restore_optimizer, token_logprobs
 from .replica_group import ReplicaGroup
 from .reward_heads import HeadBook
+from .served_adapters import ServedAdapters
 from .status import TrainedTotals, trainer_status
 from .views import Binding, UnsupportedModel, bind
 
@@ -96,9 +97,9 @@ class TrainerService:
         self.group: RankGroup | None = None  # the other tensor-parallel ranks, when vLLM serves with TP > 1
         self.replicas: ReplicaGroup | None = None  # the other serving replicas that train with this one (HOGWILD_GROUP)
         self.heads = HeadBook()
-        # Circuit-breaker adapters merged into the served weights, kept so that they
-        # can be reverted exactly; in the session directory, so a restarted trainer has them.
+        # Circuit-breaker adapters merged into the served weights, kept to be reverted exactly (a restart too).
         self.adapters = AdapterBook(session / "adapters")
+        self.served_adapters = ServedAdapters(session / "served-adapters", state_dir / "served-adapters")
         self.checkpointer = Checkpointer()
         self.parity = ParityReport(state="pending")
         self.gate_done = threading.Event()  # the parity gate has decided (or loading failed): jobs may run
@@ -171,6 +172,7 @@ class TrainerService:
         if failure:
             return self._fail(*failure)
         self.access = ModelAccess(model)
+        self.served_adapters.bind_model(model)
         self.vocab_size = int(model.config.vocab_size)
         self.pad_id = pad_token_id(model.config)
         self.trainer = SFTTrainer(model, pad_id=self.pad_id)

@@ -8,6 +8,11 @@ set. The admin key is accepted as ``Authorization: Bearer`` or, for /v1 paths
 where vLLM's middleware already wants the API key in that header, as
 ``X-Hogwild-Admin-Key``.
 
+Adapter keys (``HOGWILD_ADAPTER_KEYS``, JSON ``{"<key>": ["<adapter>", ...]}``) are sent where
+the admin key goes and train (``/train`` with ``adapter``) and delete (``DELETE
+/adapters/<name>``) only the adapters they name: never the base, another tenant's adapter, or
+any other route that changes the model (403).
+
 With no key at all, a server that listens beyond loopback keeps the routes
 that change the model off (403) unless ``HOGWILD_ALLOW_UNAUTHENTICATED_TRAINING=1``.
 """
@@ -55,6 +60,10 @@ class Access:
         self.api_keys = [_digest(k) for k in api]
         self.admin_keys = [_digest(admin)] if admin else list(self.api_keys)
         self.refusal = self._refusal(getattr(args, "host", None), getattr(args, "uds", None))
+        try:
+            self.adapter_keys = [(_digest(key), frozenset(names)) for key, names in envs.adapter_keys().items()]
+        except ValueError as exc:  # a tenant must not gain the base through a typo: nothing trains
+            self.adapter_keys, self.refusal = [], f"the routes that change the model are off: {exc}"
 
     def _refusal(self, host: str | None, uds: str | None) -> str | None:
         """Why the routes that change the model are off, or None."""
@@ -69,6 +78,26 @@ class Access:
             raise ApiError(403, self.refusal)
         if self.admin_keys and not _matches([_bearer(request), request.headers.get(ADMIN_HEADER)], self.admin_keys):
             raise ApiError(401, f"this route changes the model: send the admin key (Authorization: Bearer, or {ADMIN_HEADER})")
+
+    def require_trainer(self, request: Request) -> frozenset[str] | None:
+        """None for the admin (any job); for an adapter key, the adapters it may train; else 401/403."""
+        if self.refusal:
+            raise ApiError(403, self.refusal)
+        sent = [_bearer(request), request.headers.get(ADMIN_HEADER)]
+        if not self.admin_keys or _matches(sent, self.admin_keys):
+            return None
+        for digest, adapters in self.adapter_keys:
+            if _matches(sent, [digest]):
+                return adapters
+        raise ApiError(401, f"this route changes the model: send the admin key, or an adapter key for an adapter "
+                       f"(Authorization: Bearer, or {ADMIN_HEADER})")
+
+    def require_adapter(self, request: Request, adapter: str | None) -> None:
+        """The admin, or an adapter key whose adapters include ``adapter`` (403 for another's, or the base)."""
+        scope = self.require_trainer(request)
+        if scope is not None and adapter not in scope:
+            what = f"adapter {adapter!r}" if adapter is not None else "the base model's weights (a job without adapter)"
+            raise ApiError(403, f"this key may change only the adapters {', '.join(sorted(scope))}, not {what}")
 
     def require_reader(self, request: Request) -> None:
         if self.api_keys and not _matches([_bearer(request)], self.api_keys + self.admin_keys):

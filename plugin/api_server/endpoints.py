@@ -33,6 +33,6 @@ class HogwildEndpoints:
             return
         from .frontend import Frontend
 
-        fe = Frontend(engine_client, args)
+        fe = Frontend(engine_client, args, getattr(state, "openai_serving_models", None))
         await fe.start()
         state.hogwild = fe

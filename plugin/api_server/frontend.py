@@ -28,10 +28,12 @@ from hogwild.contracts.protocol import (
     StatusOp,
     TrainerStatus,
 )
+from hogwild.contracts.jobs import SubmitAdapterDeleteOp
 from hogwild.contracts.weights_version import WeightsVersionReader
 
 from ..session import ensure_session_dir
 from ..trainability import unsupported_reason
+from .adapter_registry import AdapterRegistry
 from .auth import Access
 from .http_errors import ApiError
 from .job_requests import job_request
@@ -77,7 +79,7 @@ def as_api_error(exc: TrainerError) -> ApiError:
 
 
 class Frontend:
-    def __init__(self, engine_client, args: Namespace):
+    def __init__(self, engine_client, args: Namespace, serving_models=None):
         self.engine = engine_client
         config = engine_client.vllm_config
         self.vocab_size = config.model_config.get_vocab_size()
@@ -99,6 +101,9 @@ class Frontend:
         self.wait_timeout = envs.wait_timeout_s()
         self.readout = ReadoutFrontend.if_enabled(self.session, config.model_config)
         self.weights_version = WeightsVersionReader(self.state_dir)  # stamped on completions
+        # The trainer's adapters, served by vLLM's multi-LoRA (the trainer's live copies are in the session).
+        self.adapters = AdapterRegistry(engine_client, serving_models, self.session / "served-adapters", self.served_names,
+                                        self.reset_prefix_cache)
 
     @property
     def readout_inbox(self):
@@ -133,6 +138,7 @@ class Frontend:
                 self.publish(status)
                 if status.state == "ready":
                     self.process.ready_pid = status.pid
+                    await self.adapters.sync(status.trainer_id, status.served_adapters)
                 idle = status.running is None and not status.queue
                 if status.trainer_id != self.cache_state[0] or (idle and status.weights_version != self.cache_state[1]):
                     await self.refresh_prefix_cache(status.trainer_id, status.weights_version)
@@ -181,6 +187,8 @@ class Frontend:
                 self.publish(await self.client.request(StatusOp(), timeout=10.0))
             except TrainerError:
                 pass
+        if event.job.adapter is not None:  # vLLM serves what the job trained before anyone hears it ended
+            await self.sync_adapters()
         for waiter in self.waiters.pop(event.job.job_id, []):
             if not waiter.done():
                 waiter.set_result(event.job)
@@ -201,9 +209,22 @@ class Frontend:
             seen_trainer, seen_version = self.cache_state
             if seen_trainer == trainer_id and seen_version >= version:
                 return
-            if not await self.engine.reset_prefix_cache():
-                await self.engine.reset_prefix_cache(reset_running_requests=True)
+            await self.reset_prefix_cache()
             self.cache_state = (trainer_id, version)
+
+    async def reset_prefix_cache(self) -> None:
+        """Drop every cached KV block; if requests hold some, they are preempted and recomputed."""
+        if not await self.engine.reset_prefix_cache():
+            await self.engine.reset_prefix_cache(reset_running_requests=True)
+
+    async def sync_adapters(self) -> None:
+        """vLLM serves the trainer's adapters as they are now (``AdapterRegistry.sync``)."""
+        try:
+            status = await self.client.request(StatusOp(), timeout=10.0)
+        except TrainerError as exc:
+            logger.warning("hogwild: adapters not synced: %s", exc)
+            return
+        await self.adapters.sync(status.trainer_id, status.served_adapters)
 
     # ---- routes' work -----------------------------------------------------
 
@@ -211,6 +232,8 @@ class Frontend:
         """Any job: its request built from the body, validated once, queued; with ``wait``, its end."""
         op = job_request(body, self.paths)
         validate_job(op, self.limits, self.vocab_size, self.max_model_len)
+        if getattr(op, "adapter", None) is not None:
+            self.adapters.check(op.adapter)
         info = await self.call(op)
         return await self.wait(info.job_id) if wait else info
 
@@ -251,7 +274,14 @@ class Frontend:
                         del self.waiters[job_id]
         if info.weights_version is not None:
             await self.refresh_prefix_cache(info.trainer_id, info.weights_version)
+        if info.adapter is not None:
+            await self.sync_adapters()
         return info
+
+    async def delete_adapter(self, name: str) -> JobInfo:
+        """Queue the adapter's deletion and answer when vLLM no longer serves it."""
+        info = await self.call(SubmitAdapterDeleteOp(name=name))
+        return await self.wait(info.job_id)
 
     async def job(self, job_id: str) -> JobInfo:
         return await self.call(JobOp(job_id=job_id))
@@ -298,8 +328,10 @@ class Frontend:
         return images, placeholder
 
     async def score(self, req: ScoreRequest) -> list[dict]:
-        if req.model is not None and req.model not in self.served_names:
-            raise ApiError(404, f"The model `{req.model}` does not exist.", "model")
+        adapter = self.adapters.request_for(req.model)
+        if adapter is not None and req.heads:
+            raise ApiError(422, "heads: the reward heads read the base model; score heads without model (or with the "
+                           "served model's name)", "heads")
         check_token_ids([("prompt", req.prompt)], self.vocab_size)
         if len(req.prompt) >= self.max_model_len:
             raise ApiError(422, f"prompt is {len(req.prompt)} tokens; scoring needs fewer than the model's max length "
@@ -309,7 +341,7 @@ class Frontend:
                 raise ApiError(422, f"score_ranges.{i}: [{start}, {end}) must satisfy 0 <= start < end <= "
                                f"len(prompt) = {len(req.prompt)}", f"score_ranges.{i}")
         images, placeholder = self.images_of(req)
-        logprobs = await prompt_token_logprobs(self.engine, req.prompt, req.priority, images, placeholder)
+        logprobs = await prompt_token_logprobs(self.engine, req.prompt, req.priority, images, placeholder, adapter)
         scores = range_totals(logprobs, req.score_ranges)
         if req.heads:
             # One trunk forward in the trainer, every head at each range's last token.

@@ -33,7 +33,7 @@ from .schemas import (
 def job_request(body, paths: PathPolicy):
     """The job request for a validated HTTP body."""
     if isinstance(body, TrainRequest):
-        return SubmitOp(mode=body.mode, samples=body.samples, options=body.options())
+        return SubmitOp(mode=body.mode, samples=body.samples, options=body.options(), adapter=body.adapter_spec())
     if isinstance(body, PreferenceTrainRequest):
         return SubmitPreferenceOp(samples=body.samples, options=body.options())
     if isinstance(body, RLTrainRequest):

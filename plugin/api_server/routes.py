@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
 
 from hogwild.contracts.protocol import CheckpointReport, JobInfo
+from hogwild.contracts.served_adapter import ADAPTER_NAME
 
 from .frontend import RETRY_AFTER, Frontend
 from .http_errors import ApiError, PluginRoute
@@ -45,14 +48,23 @@ def both(path: str) -> list[str]:
     return [path, "/v1" + path]
 
 
-PATH_PREFIXES = tuple(p for base in ("/train", "/score", "/checkpoint", "/readout") for p in both(base))
+PATH_PREFIXES = tuple(p for base in ("/train", "/score", "/checkpoint", "/readout", "/adapters") for p in both(base))
 
 
-async def train(body: TrainBody, fe: Frontend = Depends(admin)) -> JobInfo:
-    """Queue a supervised full-weight update (default mode ``sft``), a reward-head
-    training (mode ``btrm``) or a circuit-breaker LoRA merged into the served
-    weights (mode ``circuit_breaker``); ``wait: true`` answers when it is done."""
+async def train(body: TrainBody, request: Request, fe: Frontend = Depends(frontend)) -> JobInfo:
+    """Queue a supervised full-weight update (default mode ``sft``; with ``adapter``, of that
+    adapter on the frozen base), a reward-head training (mode ``btrm``) or a circuit-breaker
+    LoRA merged into the served weights (mode ``circuit_breaker``); ``wait: true`` answers
+    when it is done. The admin key, or an adapter key for its own adapters."""
+    fe.access.require_adapter(request, getattr(body, "adapter", None))
     return await fe.submit(body, body.wait)
+
+
+async def delete_adapter(name: Annotated[str, Path(pattern=ADAPTER_NAME)], request: Request, fe: Frontend = Depends(frontend)) -> JobInfo:
+    """Forget a served adapter once the jobs queued before are done: vLLM stops serving it and
+    its copies are deleted. The admin key, or an adapter key for its own adapters."""
+    fe.access.require_adapter(request, name)
+    return await fe.delete_adapter(name)
 
 
 async def revert(body: RevertRequest | None = None, fe: Frontend = Depends(admin)) -> JobInfo:
@@ -132,6 +144,8 @@ for path in both("/train/status"):
 for path in both("/train/{job_id}"):
     router.add_api_route(path, train_job, methods=["GET"], response_model=JobInfo)
     router.add_api_route(path, cancel_job, methods=["DELETE"], response_model=JobInfo)
+for path in both("/adapters/{name}"):
+    router.add_api_route(path, delete_adapter, methods=["DELETE"], response_model=JobInfo)
 for path in both("/checkpoint"):
     router.add_api_route(path, checkpoint, methods=["POST"])
 for path in both("/score"):

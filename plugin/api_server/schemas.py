@@ -11,18 +11,25 @@ from hogwild.contracts.circuit_breaker_config import CBConfig, CBSample
 from hogwild.contracts.jobs import BTRMSample, PreferenceSample, RLSample, TokenId, TrainSample, reward_source_problem
 from hogwild.contracts.preference_config import PreferenceOptions
 from hogwild.contracts.rl_config import RLOptions
+from hogwild.contracts.served_adapter import AdapterFields
 from hogwild.contracts.sft_config import SFTOptions
 
 from .http_errors import UNION_TAGS
 
 
-class TrainRequest(SFTOptions):
+class TrainRequest(SFTOptions, AdapterFields):
     """``POST /train``: samples as token ids, and every optimizer setting as an
-    optional top-level field (defaults in ``SFTOptions``)."""
+    optional top-level field (defaults in ``SFTOptions``); with ``adapter``, the job
+    trains that adapter on the frozen base (``AdapterFields``)."""
 
     samples: list[TrainSample] = Field(min_length=1)
     mode: Literal["sft"] = "sft"
     wait: bool = Field(False, description="answer when the job is done (else at once, with its id)")
+
+    @model_validator(mode="after")
+    def _adapter_fields_need_adapter(self) -> "TrainRequest":
+        self.adapter_spec()  # adapter_* fields without adapter: a ValueError, answered 422
+        return self
 
     def options(self) -> SFTOptions:
         return SFTOptions(**{k: getattr(self, k) for k in SFTOptions.model_fields})

@@ -9,12 +9,12 @@ import secrets
 
 
 async def prompt_token_logprobs(engine_client, prompt: list[int], priority: int = 0, images: list | None = None,
-                                placeholder: int | None = None) -> list[float | None]:
+                                placeholder: int | None = None, lora_request=None) -> list[float | None]:
     """log P(prompt[p] | prompt[:p]) for every position of ``prompt`` (None at p = 0, and
     at image placeholders).
 
-    One engine request with ``prompt_logprobs=0`` (each prompt token's own logprob), at
-    ``priority`` (honoured under ``--scheduling-policy priority``); such requests skip
+    One engine request with ``prompt_logprobs=0`` (each prompt token's own logprob), under
+    ``lora_request``'s adapter when one is given, at ``priority`` (honoured under ``--scheduling-policy priority``); such requests skip
     reading the prefix cache, so every position is computed with the weights the engine
     holds now. With ``images`` vLLM's own multimodal processing expands each
     ``placeholder`` token of the prompt into the image's tokens; the answer is mapped back
@@ -28,7 +28,8 @@ async def prompt_token_logprobs(engine_client, prompt: list[int], priority: int 
     if images:
         request["multi_modal_data"] = {"image": images}
     final = None
-    async for output in engine_client.generate(request, params, f"hogwild-score-{secrets.token_hex(8)}", priority=priority):
+    async for output in engine_client.generate(request, params, f"hogwild-score-{secrets.token_hex(8)}", priority=priority,
+                                                lora_request=lora_request):
         final = output
     served = list(final.prompt_token_ids)
     positions = final.prompt_logprobs

@@ -151,6 +151,33 @@ def score_request(prompt: list[int]):
             SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False))
 
 
+# ---- multi-LoRA: adapters the trainer trains, served by name ----------------------
+
+
+def lora_request(name: str, lora_id: int, path: str, load_inplace: bool = False):
+    """vLLM's ``LoRARequest`` for an adapter directory; ``load_inplace`` makes the engine load it
+    again from ``path`` (how a trained adapter's new factors reach its LoRA slots)."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path, load_inplace=load_inplace)
+
+
+def adapter_registration(name: str, path: str | None = None):
+    """The body of vLLM's ``/v1/load_lora_adapter`` (with ``path``) or ``/v1/unload_lora_adapter``,
+    for ``OpenAIServingModels``' own methods."""
+    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+
+    if path is None:
+        return UnloadLoRAAdapterRequest(lora_name=name)
+    return LoadLoRAAdapterRequest(lora_name=name, lora_path=path)
+
+
+def is_error_response(result) -> bool:
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    return isinstance(result, ErrorResponse)
+
+
 # ---- the V1 runner's batch ------------------------------------------------------
 
 
@@ -328,7 +355,8 @@ INTERNALS: tuple[Internal, ...] = (
       for stamp in ("_rdt_stamp_inner", "_rdt_stamp_added")),
     # vLLM's config, read where it is used
     Internal("vllm.config", "VllmConfig", "class", _CONFIG_USERS,
-             attrs=("model_config", "parallel_config", "device_config", "quant_config", "compilation_config")),
+             attrs=("model_config", "parallel_config", "device_config", "quant_config", "compilation_config",
+                    "lora_config")),
     Internal("vllm.config", "ModelConfig", "class", _CONFIG_USERS,
              attrs=("model", "dtype", "hf_config", "hf_text_config", "quantization", "max_model_len", "architecture",
                     "is_multimodal_model", "supports_multimodal_inputs", "get_hidden_size", "get_vocab_size")),
@@ -347,7 +375,27 @@ INTERNALS: tuple[Internal, ...] = (
              "api_server/endpoints.py", params=("self", "engine_client", "state", "args"), exact=True),
     Internal("vllm.engine.protocol", "EngineClient", "class", "api_server (frontend, scoring)", attrs=("vllm_config",)),
     Internal("vllm.engine.protocol", "EngineClient.generate", "method", "api_server/scoring.py", positional=3,
-             params=("priority",)),
+             params=("priority", "lora_request")),
+    # multi-LoRA: trained adapters registered, reloaded and removed by name
+    Internal("vllm.engine.protocol", "EngineClient.add_lora", "method", "api_server/adapter_registry.py", positional=1),
+    Internal("vllm.v1.engine.async_llm", "AsyncLLM.remove_lora", "method", "api_server/adapter_registry.py",
+             positional=1),
+    Internal("vllm.lora.request", "LoRARequest", "class", "vllm_internals.py (lora_request), api_server/adapter_registry.py",
+             params=("lora_name", "lora_int_id", "lora_path", "load_inplace"), attrs=("lora_int_id", "lora_path")),
+    Internal("vllm.entrypoints.openai.models.serving", "OpenAIServingModels", "class", "api_server/adapter_registry.py",
+             attrs=("lora_requests", "load_lora_adapter", "unload_lora_adapter")),
+    Internal("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.load_lora_adapter", "method",
+             "api_server/adapter_registry.py", positional=1),
+    Internal("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.unload_lora_adapter", "method",
+             "api_server/adapter_registry.py", positional=1),
+    Internal("vllm.entrypoints.serve.lora.protocol", "LoadLoRAAdapterRequest", "class", "vllm_internals.py",
+             params=("lora_name", "lora_path")),
+    Internal("vllm.entrypoints.serve.lora.protocol", "UnloadLoRAAdapterRequest", "class", "vllm_internals.py",
+             params=("lora_name",)),
+    Internal("vllm.entrypoints.serve.engine.protocol", "ErrorResponse", "class", "vllm_internals.py", attrs=("error",)),
+    Internal("vllm.entrypoints.launchers.api_server.app_state", "openai_serving_models", "text",
+             "api_server/endpoints.py (the app state's OpenAIServingModels)"),
+    Internal("vllm.config", "LoRAConfig", "class", "api_server/adapter_registry.py", attrs=("max_lora_rank", "max_loras")),
     Internal("vllm.engine.protocol", "EngineClient.reset_prefix_cache", "method", "api_server/frontend.py",
              params=("reset_running_requests",)),
     Internal("vllm", "SamplingParams", "class", "vllm_internals.py (score_request), readout_tap.py",

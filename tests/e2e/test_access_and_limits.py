@@ -24,6 +24,8 @@ ROUTES = [
     ("POST", "/v1/checkpoint", {}, "admin"),
     ("DELETE", "/train/job-000000000000", None, "admin"),
     ("DELETE", "/v1/train/job-000000000000", None, "admin"),
+    ("DELETE", "/adapters/unknown", None, "admin"),
+    ("DELETE", "/v1/adapters/unknown", None, "admin"),
     ("GET", "/train/status", None, "reader"),
     ("GET", "/v1/train/status", None, "reader"),
     ("GET", "/train/job-000000000000", None, "reader"),

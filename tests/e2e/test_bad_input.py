@@ -104,6 +104,14 @@ def test_unknown_model_name_is_404(served):
     assert r.status_code == 404 and "no-such-model" in r.json()["error"]["message"]
 
 
+def test_an_adapter_job_without_enable_lora_is_501_naming_the_flag(served):
+    # This server runs without --enable-lora: vLLM could not serve the adapter, so nothing is trained.
+    digest = served.arena_digest()
+    r = served.http.post("/v1/train", json={"samples": [GOOD], "adapter": "a", "steps": 1, "wait": True})
+    check_rejected(served, r, 501, "--enable-lora", digest)
+    assert served.http.get("/train/status").json()["served_adapters"] == []
+
+
 def test_error_bodies_are_json_in_the_openai_shape(served):
     r = served.http.post("/train", json=json.loads('{"samples": []}'))
     error = r.json()["error"]

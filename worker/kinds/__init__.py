@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from hogwild.contracts.protocol import OpError
 
-from . import btrm, circuit_breaker, preference, readout, revert, rl, sft
+from . import adapter_delete, btrm, circuit_breaker, preference, readout, revert, rl, sft
 from .base import Admission, JobKind, Outcome
 
 KINDS: dict[type, JobKind] = {kind.request: kind for kind in (sft.KIND, btrm.KIND, circuit_breaker.KIND, revert.KIND,
-                                                            readout.KIND, preference.KIND, rl.KIND)}
+                                                            readout.KIND, preference.KIND, rl.KIND,
+                                                            adapter_delete.KIND)}
 
 
 def kind_of(op) -> JobKind:

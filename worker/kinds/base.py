@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ..ledger import Ledger
     from ..model_access import ModelAccess
     from ..reward_heads import HeadBook
+    from ..served_adapters import ServedAdapters
 
 Outcome = tuple[str, "str | None"]  # (final state, error)
 
@@ -56,6 +57,7 @@ class Services(Protocol):
     tensor_parallel_size: int  # trainer ranks (1: alone)
     heads: HeadBook  # the reward heads
     adapters: AdapterBook  # merged circuit-breaker adapters
+    served_adapters: ServedAdapters  # adapters trained on the frozen base, served by name
     checkpointer: CheckpointSchedule
     session: Path  # the session directory (the readout's current vectors)
     pad_id: int

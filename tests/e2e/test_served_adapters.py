@@ -1,0 +1,186 @@
+"""Adapters for many users on one served base, on real `vllm serve --enable-lora`: each
+tenant's adapter trained in place on the frozen base, served by vLLM's multi-LoRA from the
+next request on, the base answered bit for bit as before, tenants kept apart by their keys,
+and every adapter kept through vLLM's slot and cache evictions, deletion and a restart.
+
+One LoRA slot and one CPU cache entry (``--max-loras 1 --max-cpu-loras 1``): every switch
+between two adapters evicts one and loads the other again from the trainer's live copy.
+Each test trains adapters of its own names, so none depends on another's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import pytest
+import torch
+
+from ..conftest import ADMIN_KEY, API_KEY, LIMITS, serving, start_served
+from ..waiting import wait_until
+
+pytestmark = pytest.mark.server
+
+LORA_ARGS = ["--enable-lora", "--max-loras", "1", "--max-cpu-loras", "1", "--max-lora-rank", "8"]
+TENANT_KEYS = {"alice-key": ["alice", "alice-2"], "bob-key": ["bob"]}
+CONTEXT = [5, 6, 7, 8]
+TARGETS = {"alice": [100] * 4, "bob": [200] * 4}
+# The tiny model's head is small (row norms ~0.16) and an adapter leaves it as it is: the blocks
+# alone make a repeated token the greedy answer within 100 steps at this rate (loss ~6.3 from 7.6);
+# four different tokens in a row, they rarely do.
+TRAIN = {"lr": 3e-2, "steps": 100, "adapter_rank": 8}
+
+
+def env() -> dict:
+    return {"HOGWILD_ADMIN_KEY": ADMIN_KEY, "HOGWILD_ADAPTER_KEYS": json.dumps(TENANT_KEYS), **LIMITS}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, tmp_path_factory):
+    with serving(tiny_model_dir, tmp_path_factory.mktemp("adapters"), "adapters", dtype="float32", extra_args=LORA_ARGS,
+                 env=env()) as handle:
+        yield handle
+
+
+def as_tenant(served, key: str) -> httpx.Client:
+    """A client that sends an adapter key where the admin key goes (vLLM wants the API key as bearer on /v1)."""
+    return httpx.Client(base_url=served.server.url, timeout=300,
+                        headers={"Authorization": f"Bearer {API_KEY}", "X-Hogwild-Admin-Key": key})
+
+
+def train(client, adapter: str | None, target: list[int], **options) -> httpx.Response:
+    body = {"samples": [{"context_ids": CONTEXT, "continuation_ids": target}], "wait": True, **TRAIN, **options}
+    if adapter is not None:
+        body["adapter"] = adapter
+    else:
+        body.pop("adapter_rank")
+    return client.post("/v1/train", json=body)
+
+
+def greedy(served, model: str | None, n: int = 4) -> list[int]:
+    r = served.http.post("/v1/completions", json={"model": model or str(served.model_dir), "prompt": CONTEXT,
+                                                  "max_tokens": n, "temperature": 0, "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]
+
+
+def score(served, model: str | None, continuation: list[int]) -> float:
+    body = {"prompt": CONTEXT + continuation, "score_ranges": [[len(CONTEXT), len(CONTEXT) + len(continuation)]]}
+    r = served.http.post("/v1/score", json={**body, **({"model": model} if model else {})})
+    assert r.status_code == 200, r.text
+    return r.json()["scores"][0]["total_logprob"]
+
+
+def served_models(served) -> list[str]:
+    return [m["id"] for m in served.http.get("/v1/models").json()["data"]]
+
+
+def held(served) -> dict[str, dict]:
+    return {a["name"]: a for a in served.http.get("/train/status").json()["served_adapters"]}
+
+
+def test_two_tenants_adapters_learn_their_own_targets_and_the_base_answers_as_before(served):
+    base_scores = {name: score(served, None, target) for name, target in TARGETS.items()}
+    base_greedy, digest = greedy(served, None), served.arena_digest()
+    for name, target in TARGETS.items():
+        r = train(as_tenant(served, f"{name}-key"), name, target)
+        assert r.status_code == 200 and r.json()["state"] == "succeeded", r.text
+        assert r.json()["adapter"] == name and r.json()["result"]["loss_after"] < r.json()["result"]["loss_before"]
+    # One slot, one cache entry: each switch evicts the other adapter and loads this one from the trainer's copy.
+    for name in ["alice", "bob", "alice", "bob"]:
+        assert greedy(served, name) == TARGETS[name]
+    assert score(served, "alice", TARGETS["alice"]) > base_scores["alice"] + 1.0
+    assert score(served, "bob", TARGETS["bob"]) > base_scores["bob"] + 1.0
+    # The base: not a bit of its weights, scores or answers changed.
+    assert served.arena_digest() == digest
+    assert {name: score(served, None, target) for name, target in TARGETS.items()} == base_scores
+    assert greedy(served, None) == base_greedy
+    assert {"alice", "bob"} <= set(served_models(served))
+
+
+def test_adapter_keys_train_only_their_own_adapters(served):
+    alice, digest, before = as_tenant(served, "alice-key"), served.arena_digest(), held(served)
+    for r in (train(alice, "bob", TARGETS["bob"]),  # another tenant's adapter
+              train(alice, None, TARGETS["alice"]),  # the base
+              alice.post("/v1/train", json={"mode": "btrm", "config_path": "/x"}),  # a mode that changes the base
+              alice.delete("/v1/adapters/bob")):
+        assert r.status_code == 403, r.text
+        assert "alice, alice-2" in r.json()["error"]["message"]
+    for r in (alice.post("/v1/checkpoint", json={}), alice.delete("/v1/train/job-000000000000")):
+        assert r.status_code == 401  # admin routes: an adapter key is not the admin key
+    wrong = as_tenant(served, "carol-key")
+    assert train(wrong, "alice-2", TARGETS["alice"]).status_code == 401
+    assert served.arena_digest() == digest and held(served) == before
+    r = train(alice, "alice-2", TARGETS["alice"], steps=1)
+    assert r.status_code == 200 and r.json()["state"] == "succeeded", r.text
+
+
+def test_the_next_request_after_a_job_sees_its_update(served):
+    target = [300, 301, 302]
+    assert train(served.http, "next", target, steps=1).json()["state"] == "succeeded"
+    before = score(served, "next", target)
+    job = train(served.http, "next", target, steps=1).json()
+    after = score(served, "next", target)  # the first request after the job's answer
+    assert after != before
+    # What vLLM serves is what the trainer measured after its step (its loss is the mean NLL per token).
+    assert after == pytest.approx(-job["result"]["loss_after"] * len(target), abs=1e-4)
+    assert held(served)["next"]["steps"] == 2
+
+
+def test_bad_adapter_requests_name_the_fix_and_change_nothing(served):
+    assert train(served.http, "shape", [400], steps=1).status_code == 200
+    digest, before, models = served.arena_digest(), held(served), served_models(served)
+    sample = {"context_ids": CONTEXT, "continuation_ids": [400]}
+    cases = [
+        ({"adapter": "big", "adapter_rank": 16}, 422, "--max-lora-rank 8"),
+        ({"adapter_rank": 4}, 422, "without adapter"),
+        ({"adapter": "t", "adapter_targets": ["nope"]}, 422, "no adaptable module nope"),
+        ({"adapter": str(served.model_dir)}, 422, "adapter"),
+        ({"adapter": "shape", "adapter_alpha": 8.0}, 409, "another shape"),
+        ({"adapter": "../x"}, 422, "adapter"),
+    ]
+    for fields, status, words in cases:
+        r = served.http.post("/v1/train", json={"samples": [sample], "steps": 1, **fields})
+        assert r.status_code == status and words in r.json()["error"]["message"], (fields, r.text)
+    assert served.http.delete("/v1/adapters/unknown").status_code == 404
+    body = {"prompt": CONTEXT + [400], "score_ranges": [[4, 5]]}
+    r = served.http.post("/v1/score", json={**body, "model": "unknown"})
+    assert r.status_code == 404 and "shape" in r.json()["error"]["message"]
+    assert served.http.post("/v1/score", json={**body, "model": "shape", "heads": True}).status_code == 422
+    assert served.arena_digest() == digest and held(served) == before and served_models(served) == models
+
+
+def test_peft_loads_the_trained_adapter_with_vllms_scores(served):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    target = [500, 501, 502]
+    assert train(served.http, "peft", target, steps=20).json()["state"] == "succeeded"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(served.model_dir, dtype=torch.float32),
+                                      held(served)["peft"]["path"])
+    ids = torch.tensor([CONTEXT + target])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
+    total = float(sum(logprobs[p - 1, ids[0, p]] for p in range(len(CONTEXT), ids.shape[1])))
+    assert score(served, "peft", target) == pytest.approx(total, abs=1e-4)
+
+
+def test_a_deleted_adapter_is_gone_and_the_others_outlive_a_restart(served, tiny_model_dir, tmp_path):
+    assert train(served.http, "gone", [600], steps=1).json()["state"] == "succeeded"
+    r = served.http.delete("/v1/adapters/gone")
+    assert r.status_code == 200 and r.json()["state"] == "succeeded", r.text
+    assert "gone" not in served_models(served) and "gone" not in held(served)
+    assert served.http.post("/v1/score", json={"prompt": CONTEXT + [600], "score_ranges": [[4, 5]],
+                                               "model": "gone"}).status_code == 404
+    assert train(served.http, "kept", TARGETS["alice"], steps=5).json()["state"] == "succeeded"
+    kept = score(served, "kept", TARGETS["alice"])
+    # A new server on the same state directory: the trainer's copies come back, and vLLM serves them.
+    shutil.copytree(served.state_dir, tmp_path / "restarted-state")
+    server, handle = start_served(tiny_model_dir, tmp_path, "restarted", dtype="float32", extra_args=LORA_ARGS, env=env())
+    try:
+        wait_until(lambda: "kept" in served_models(handle), timeout=60, what="the restarted server serving 'kept'")
+        assert score(handle, "kept", TARGETS["alice"]) == kept
+        assert "gone" not in held(handle) and held(handle)["kept"]["steps"] == 5
+    finally:
+        server.stop()
+        shutil.rmtree(handle.session, ignore_errors=True)

@@ -122,6 +122,7 @@ class CheckpointOp(BaseModel):
     model_config = ConfigDict(extra="forbid")
     op: Literal["checkpoint"] = "checkpoint"
     target: str | None = None  # default: the served model's directory
+    adapters: list[str] | None = None  # only these served adapters (an adapter key's checkpoint), not the weights
     Result: ClassVar = CheckpointReport
 
 

@@ -19,6 +19,10 @@ from . import faults
 from .checkpoint import CheckpointError, copy_model_dir, read_layout, sync, write_state_file
 from .rank_group import gather_errors
 from .rank_work import GatheredTensors, optimizer_files
+from .served_adapters import CONFIG, FACTORS
+
+ADAPTERS_DIRNAME = "adapters"  # <model dir>/adapters/<name>/: each served adapter as a PEFT directory
+ADAPTER_FILES = (CONFIG, FACTORS)
 from .views import served_views
 
 if TYPE_CHECKING:
@@ -57,13 +61,16 @@ class Checkpointer:
         if self.after_s > 0:
             self.due = time.monotonic() + self.after_s
 
-    def write(self, service: TrainerService, target: str | None) -> CheckpointReport:
+    def write(self, service: TrainerService, target: str | None, adapters: list[str] | None = None) -> CheckpointReport:
         """Sync the served weights into ``target`` (default: the served directory), with the
-        optimizer state, the ledger and the heads; waits for the running job's end."""
+        optimizer state, the ledger, the heads and the served adapters (``adapters/<name>/``, PEFT
+        directories); with ``adapters``, only those adapters. Waits for the running job's end."""
         source = service.model_dir()
         if not source.is_dir():
             raise OpError("conflict", f"the served model {source} is not a local directory: give a target directory")
         directory = Path(target) if target else source
+        if adapters is not None:
+            return self.write_adapters(service, directory, adapters)
         with service.access.exclusive() as model:
             faults.point("checkpoint")
             try:
@@ -83,6 +90,7 @@ class Checkpointer:
                         raise OSError(failed[0])
                 for name, data in files.items():
                     write_state_file(directory, name, data)
+                report["adapters_written"] = service.served_adapters.export(directory / ADAPTERS_DIRNAME)
             except CheckpointError as exc:
                 raise OpError("conflict", str(exc)) from None
             except OSError as exc:
@@ -100,6 +108,18 @@ class Checkpointer:
         logger.info("checkpoint to %s: %d of %d blocks written (%d bytes) in %.2f s", directory, report["blocks_written"],
                     report["blocks_compared"], report["bytes_written"], report["seconds"])
         return CheckpointReport(**report)
+
+    def write_adapters(self, service: TrainerService, directory: Path, names: list[str]) -> CheckpointReport:
+        """Only the served adapters ``names`` (an adapter key's checkpoint), into ``<directory>/adapters``."""
+        started = time.time()
+        with service.access.exclusive():  # no job is midway through one of them
+            try:
+                written = service.served_adapters.export(directory / ADAPTERS_DIRNAME, names)
+            except OSError as exc:
+                raise OpError("conflict", f"could not write the adapters to {directory}: {exc}") from None
+        data = sum((directory / ADAPTERS_DIRNAME / n / f).stat().st_size for n in written for f in ADAPTER_FILES)
+        return CheckpointReport(target=str(directory), blocks_written=0, bytes_written=data, seconds=time.time() - started,
+                                weights_version=service.weights_version, adapters_written=written)
 
     def when_idle(self, service: TrainerService) -> None:
         """Called by the job thread while idle: sync when the schedule says so."""

@@ -190,6 +190,22 @@ class ServedAdapters:
             write_atomic(saved / OPTIMIZER_JSON, state[1])
         write_atomic(saved / META, record.model_dump_json().encode())
 
+    def export(self, directory: Path, names: list[str] | None = None) -> list[str]:
+        """Each adapter (of ``names``, default all) as a PEFT directory ``<directory>/<name>/``, as
+        ``PeftModel.from_pretrained`` and ``vllm serve --lora-modules`` load it: the files of its
+        durable copy, written (atomically) where they changed. Returns the adapters written."""
+        written = []
+        for name in sorted(self.records if names is None else set(names) & set(self.records)):
+            changed = False
+            for file in (CONFIG, FACTORS):
+                data, target = (self.durable / name / file).read_bytes(), directory / name / file
+                if not target.is_file() or target.read_bytes() != data:
+                    write_atomic(target, data)
+                    changed = True
+            if changed:
+                written.append(name)
+        return written
+
     def delete(self, name: str) -> ServedAdapter:
         """Forget an adapter: its live and durable copies removed. The caller holds the model
         exclusively (no job trains it meanwhile)."""

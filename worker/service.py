@@ -302,7 +302,7 @@ class TrainerService:
 
     def checkpoint(self, op: CheckpointOp):
         self._require_ready()
-        return self.checkpointer.write(self, op.target)
+        return self.checkpointer.write(self, op.target, op.adapters)
 
     def _logprobs(self, token_ids: list[int]) -> list[float]:
         """log P(token_ids[p] | token_ids[:p]) for p >= 1, from the trainer's model."""

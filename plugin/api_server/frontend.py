@@ -286,9 +286,10 @@ class Frontend:
     async def job(self, job_id: str) -> JobInfo:
         return await self.call(JobOp(job_id=job_id))
 
-    async def checkpoint(self, req: CheckpointRequest) -> CheckpointReport:
+    async def checkpoint(self, req: CheckpointRequest, adapters: list[str] | None = None) -> CheckpointReport:
+        """The whole trainer's state; with ``adapters`` (an adapter key's), those adapters only."""
         target = str(self.paths.confine(req.target, "target")) if req.target is not None else None
-        return await self.call(CheckpointOp(target=target), timeout=24 * 3600)
+        return await self.call(CheckpointOp(target=target, adapters=adapters), timeout=24 * 3600)
 
     async def cancel(self, job_id: str) -> JobInfo:
         return await self.call(CancelOp(job_id=job_id))

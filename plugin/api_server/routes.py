@@ -91,10 +91,17 @@ async def cancel_job(job_id: str, fe: Frontend = Depends(admin)) -> JobInfo:
     return await fe.cancel(job_id)
 
 
-async def checkpoint(body: CheckpointRequest | None = None, fe: Frontend = Depends(admin)) -> CheckpointReport:
+async def checkpoint(request: Request, body: CheckpointRequest | None = None,
+                     fe: Frontend = Depends(frontend)) -> CheckpointReport:
     """Sync the served weights into the model directory now (changed 4 KiB blocks only),
-    with the optimizer state and the ledger; the report says what was written."""
-    return await fe.checkpoint(body or CheckpointRequest())
+    with the optimizer state, the ledger and each served adapter as a PEFT directory in
+    ``adapters/<name>``; the report says what was written. An adapter key checkpoints its
+    own adapters only, into the served directory."""
+    scope = fe.access.require_trainer(request)
+    body = body or CheckpointRequest()
+    if scope is not None and body.target is not None:
+        raise ApiError(403, "an adapter key checkpoints its adapters into the served directory only: leave target out")
+    return await fe.checkpoint(body, sorted(scope) if scope is not None else None)
 
 
 async def score(body: ScoreRequest, fe: Frontend = Depends(reader)) -> ScoreResponse:

@@ -106,13 +106,18 @@ def test_adapter_keys_train_only_their_own_adapters(served):
               alice.delete("/v1/adapters/bob")):
         assert r.status_code == 403, r.text
         assert "alice, alice-2" in r.json()["error"]["message"]
-    for r in (alice.post("/v1/checkpoint", json={}), alice.delete("/v1/train/job-000000000000")):
-        assert r.status_code == 401  # admin routes: an adapter key is not the admin key
+    assert alice.post("/v1/checkpoint", json={"target": str(served.model_dir)}).status_code == 403
+    assert alice.delete("/v1/train/job-000000000000").status_code == 401  # an admin route: not the admin key
     wrong = as_tenant(served, "carol-key")
     assert train(wrong, "alice-2", TARGETS["alice"]).status_code == 401
     assert served.arena_digest() == digest and held(served) == before
     r = train(alice, "alice-2", TARGETS["alice"], steps=1)
     assert r.status_code == 200 and r.json()["state"] == "succeeded", r.text
+    # Her checkpoint writes her adapters, nothing else.
+    r = alice.post("/v1/checkpoint", json={})
+    assert r.status_code == 200 and set(r.json()["adapters_written"]) <= {"alice", "alice-2"}, r.text
+    assert (served.model_dir / "adapters" / "alice-2" / "adapter_model.safetensors").is_file()
+    assert not (served.model_dir / "adapters" / "bob").exists() and served.arena_digest() == digest
 
 
 def test_the_next_request_after_a_job_sees_its_update(served):
@@ -150,14 +155,16 @@ def test_bad_adapter_requests_name_the_fix_and_change_nothing(served):
     assert served.arena_digest() == digest and held(served) == before and served_models(served) == models
 
 
-def test_peft_loads_the_trained_adapter_with_vllms_scores(served):
+def test_peft_loads_the_checkpointed_adapter_with_vllms_scores(served):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     target = [500, 501, 502]
     assert train(served.http, "peft", target, steps=20).json()["state"] == "succeeded"
+    r = served.http.post("/v1/checkpoint", json={})
+    assert r.status_code == 200 and "peft" in r.json()["adapters_written"], r.text
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(served.model_dir, dtype=torch.float32),
-                                      held(served)["peft"]["path"])
+                                      served.model_dir / "adapters" / "peft")
     ids = torch.tensor([CONTEXT + target])
     with torch.no_grad():
         logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
@@ -174,12 +181,16 @@ def test_a_deleted_adapter_is_gone_and_the_others_outlive_a_restart(served, tiny
                                                "model": "gone"}).status_code == 404
     assert train(served.http, "kept", TARGETS["alice"], steps=5).json()["state"] == "succeeded"
     kept = score(served, "kept", TARGETS["alice"])
-    # A new server on the same state directory: the trainer's copies come back, and vLLM serves them.
+    assert "kept" in served.http.post("/v1/checkpoint", json={}).json()["adapters_written"]
+    # A new server on the same state directory: the trainer's copies come back, and vLLM serves them;
+    # the checkpointed copy, loaded by vLLM itself (--lora-modules), scores the same.
     shutil.copytree(served.state_dir, tmp_path / "restarted-state")
-    server, handle = start_served(tiny_model_dir, tmp_path, "restarted", dtype="float32", extra_args=LORA_ARGS, env=env())
+    static = ["--lora-modules", f"checkpointed={served.model_dir / 'adapters' / 'kept'}"]
+    server, handle = start_served(tiny_model_dir, tmp_path, "restarted", dtype="float32", extra_args=LORA_ARGS + static,
+                                  env=env())
     try:
         wait_until(lambda: "kept" in served_models(handle), timeout=60, what="the restarted server serving 'kept'")
-        assert score(handle, "kept", TARGETS["alice"]) == kept
+        assert score(handle, "kept", TARGETS["alice"]) == kept == score(handle, "checkpointed", TARGETS["alice"])
         assert "gone" not in held(handle) and held(handle)["kept"]["steps"] == 5
     finally:
         server.stop()

@@ -15,7 +15,7 @@ import sys
 BENCHMARKS = {"spine": "bench.spine", "load": "bench.load", "checkpoint": "bench.checkpoint", "btrm": "bench.btrm", "readout": "bench.readout",
               "bf16": "bench.bf16", "architectures": "bench.architectures", "preference": "bench.preference",
               "tensor_parallel": "bench.tensor_parallel", "rl": "bench.rl",
-              "data_parallel": "bench.data_parallel"}
+              "data_parallel": "bench.data_parallel", "adapters": "bench.adapters"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,26 +38,29 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-async def _stream_load(url: str, model: str, headers: dict, prompts: list[list[int]], max_tokens: int) -> tuple[int, float]:
+async def _stream_load(url: str, models: list[str], headers: dict, prompts: list[list[int]], max_tokens: int) -> tuple[int, float]:
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
-        async def one(prompt):
-            r = await client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
+        async def one(i, prompt):
+            r = await client.post("/v1/completions", json={"model": models[i % len(models)], "prompt": prompt, "max_tokens": max_tokens,
                                                              "temperature": 0, "ignore_eos": True})
             r.raise_for_status()
             # Only the usage: a client on the same two cores must not eat the server's CPU parsing the rest.
             return msgspec.json.decode(r.content, type=_Usage).usage["completion_tokens"]
 
         started = time.perf_counter()
-        tokens = await asyncio.gather(*(one(p) for p in prompts))
+        tokens = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         return sum(tokens), time.perf_counter() - started
 
 
-def generation_throughput(url: str, model: str, headers: dict, streams: int = 16, max_tokens: int = 64, rounds: int = 1) -> float:
-    """Generated tokens per second with ``streams`` concurrent greedy completions."""
+def generation_throughput(url: str, model: str | list[str], headers: dict, streams: int = 16, max_tokens: int = 64,
+                          rounds: int = 1) -> float:
+    """Generated tokens per second with ``streams`` concurrent greedy completions (stream i asks
+    for ``model[i % len(model)]`` when ``model`` is a list: adapters served side by side)."""
     prompts = [[5 + i, 17, 300 + i, 42, 7] for i in range(streams)]
+    models = [model] if isinstance(model, str) else model
     total_tokens, total_seconds = 0, 0.0
     for _ in range(rounds):
-        tokens, seconds = asyncio.run(_stream_load(url, model, headers, prompts, max_tokens))
+        tokens, seconds = asyncio.run(_stream_load(url, models, headers, prompts, max_tokens))
         total_tokens += tokens
         total_seconds += seconds
     return total_tokens / total_seconds

@@ -5,8 +5,8 @@ Builds the tiny model if needed, serves a fresh copy of it with a real
 score, ledger, HOGWILD inference, cancellation, reward heads, a circuit-breaker
 LoRA merged and reverted, per-token concept readouts and their online training,
 checkpoint, restart from the checkpoint, preference training, bf16 rounding, tensor
-parallel, online RL, two replicas training as one group), printing each step and leaving a short
-report (``report.md``) with plots in the output folder.
+parallel, online RL, two replicas training as one group, two users' adapters on one base),
+printing each step and leaving a short report (``report.md``) with plots in the output folder.
 """
 
 from __future__ import annotations
@@ -218,6 +218,10 @@ class Demo:
         self.replicas(ctx, target)
         self.note()
 
+        self.note("## 20. Two users' adapters on one base: each trains its own, vLLM serves both, the base is untouched")
+        self.adapters(tok)
+        self.note()
+
     def online_rl(self) -> None:
         """The untrained model (a fresh copy): a verifiable reward (the fraction of completion
         tokens in a fixed fifth of the vocabulary), 8 prompts x 8 completions per iteration, one
@@ -335,6 +339,63 @@ class Demo:
         finally:
             for s in servers:
                 s.stop()
+
+    def adapters(self, tok) -> None:
+        """A server of the untrained model with vLLM's multi-LoRA and a key per user; each user
+        trains an adapter (their own key, their own target) on the frozen base; each adapter's
+        greedy answer, the base's (unchanged), and a user refused another's adapter."""
+        model = self.out / "model-adapters"
+        shutil.rmtree(model, ignore_errors=True)
+        shutil.rmtree(self.out / "state-adapters", ignore_errors=True)
+        shutil.copytree(self.untrained, model, ignore=shutil.ignore_patterns(".hogwild"))
+        keys = {"alice-key": ["alice"], "bob-key": ["bob"]}
+        server = VllmServer(model, log_path=self.out / "vllm-adapters.log", dtype="float32",
+                            extra_args=["--enable-lora", "--max-loras", "2", "--max-lora-rank", "8"],
+                            env={"HOGWILD_STATE_DIR": str(self.out / "state-adapters"), "HOGWILD_ADAPTER_KEYS": json.dumps(keys)})
+        say(f"starting: HOGWILD_ADAPTER_KEYS='{json.dumps(keys)}' VLLM_PLUGINS=hogwild vllm {' '.join(server.args)}")
+        server.start(timeout=600)
+        try:
+            server.wait_trainer()
+            http = httpx.Client(base_url=server.url, timeout=600)
+            ctx = tok.encode("Tell me a word:")
+            targets = {"alice": [tok.encode(" apple")[0]] * 4, "bob": [tok.encode(" blue")[0]] * 4}
+
+            def answer(name: str) -> list[int]:
+                return http.post("/v1/completions", json={"model": name, "prompt": ctx, "max_tokens": 4, "temperature": 0,
+                                                          "return_token_ids": True}).json()["choices"][0]["token_ids"]
+
+            def logp(name: str, target: list[int]) -> float:
+                return http.post("/v1/score", json={"model": name, "prompt": ctx + target,
+                                                    "score_ranges": [[len(ctx), len(ctx) + len(target)]]}).json()["scores"][0]["total_logprob"]
+
+            base = str(model.resolve())
+            base_before = {user: logp(base, t) for user, t in targets.items()}
+            for user, target in targets.items():
+                job = http.post("/train", headers={"Authorization": f"Bearer {user}-key"}, json={
+                    "adapter": user, "adapter_rank": 8, "samples": [{"context_ids": ctx, "continuation_ids": target}],
+                    "lr": 3e-2, "steps": 100, "wait": True}).json()
+                self.note(f"    {user}, with their own key, trains adapter {user!r}: {job['state']}, loss {job['result']['loss_before']:.2f} "
+                          f"-> {job['result']['loss_after']:.2f} in {job['finished_at'] - job['started_at']:.1f} s")
+            r = http.post("/train", headers={"Authorization": "Bearer bob-key"}, json={
+                "adapter": "alice", "samples": [{"context_ids": ctx, "continuation_ids": targets["bob"]}]})
+            self.note(f"    bob's key on alice's adapter: {r.status_code} {r.json()['error']['message']!r}")
+            rows = {}
+            for name in (base, "alice", "bob"):
+                ids = answer(name)
+                rows[name] = {user: logp(name, t) for user, t in targets.items()}
+                self.note(f"    model {('base' if name == base else name)!r}: {tok.decode(ctx)!r} -> {tok.decode(ids)!r}")
+            self.note(f"    the base's scores of both targets, bitwise as before: {rows[base] == base_before}; "
+                      f"/v1/models: {[m['id'] for m in http.get('/v1/models').json()['data']][1:]}")
+            with self.figure("adapters.png", "each target's log-likelihood under the base and each user's adapter") as (fig, ax):
+                for i, (user, color) in enumerate((("alice", "tab:red"), ("bob", "tab:blue"))):
+                    ax.bar([j + 0.4 * i - 0.2 for j in range(3)], [rows[name][user] for name in rows], width=0.4,
+                           color=color, label=f"{user}'s target")
+                ax.set_xticks(range(3), ["base", "adapter alice", "adapter bob"])
+                ax.set_ylabel("log P(target), /v1/score")
+                ax.set_title("One base, two users' adapters: each moves its own target only")
+                ax.legend(fontsize=8)
+        finally:
+            server.stop()
 
     def fault(self, ctx: list[int], target: list[int]) -> None:
         """A caller waits for a long job; the training process is killed under it; the next

@@ -75,3 +75,19 @@ def test_an_adapter_asked_for_in_another_shape_or_beyond_the_cap_is_refused(mode
     assert [r.name for r in store.info()] == ["a"]
     store.delete("a")
     assert store.info() == [] and not (tmp_path / "durable" / "a").exists() and not (tmp_path / "live" / "a").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_adapter_learns_on_a_bf16_base_as_on_fp32(tiny_model_dir, tmp_path, dtype):
+    # The factors are fp32 on either base (PEFT's default), so the adapter learns alike; the
+    # tiny model's head is small and not adapted: a repeated token is what 100 steps make greedy.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
+    store, access = store_for(model, tmp_path), ModelAccess(model)
+    context, target = (5, 6, 7, 8), (100,) * 4
+    with access.exclusive(), store.training(AdapterSpec(name="a", rank=8), access, 0, seed=0) as run:
+        result = run.trainer.run([Sample(context, target, 1.0, None)], SFTOptions(lr=3e-2, steps=100))
+        assert all(p.dtype == torch.float32 for p in run.trainer.params)
+        with torch.no_grad():
+            answer = run.trainer.model.generate(torch.tensor([context]), max_new_tokens=4, do_sample=False)[0, 4:]
+    assert result.loss_before - result.loss_after > 1.0, (result.loss_before, result.loss_after)
+    assert tuple(answer.tolist()) == target

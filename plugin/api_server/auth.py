@@ -11,7 +11,8 @@ where vLLM's middleware already wants the API key in that header, as
 Adapter keys (``HOGWILD_ADAPTER_KEYS``, JSON ``{"<key>": ["<adapter>", ...]}``) are sent where
 the admin key goes and train (``/train`` with ``adapter``) and delete (``DELETE
 /adapters/<name>``) only the adapters they name: never the base, another tenant's adapter, or
-any other route that changes the model (403).
+any other route that changes the model (403). With adapter keys and no admin or API key,
+nobody trains the base.
 
 With no key at all, a server that listens beyond loopback keeps the routes
 that change the model off (403) unless ``HOGWILD_ALLOW_UNAUTHENTICATED_TRAINING=1``.
@@ -76,7 +77,8 @@ class Access:
     def require_admin(self, request: Request) -> None:
         if self.refusal:
             raise ApiError(403, self.refusal)
-        if self.admin_keys and not _matches([_bearer(request), request.headers.get(ADMIN_HEADER)], self.admin_keys):
+        if (self.admin_keys or self.adapter_keys) and not _matches([_bearer(request), request.headers.get(ADMIN_HEADER)],
+                                                                    self.admin_keys):
             raise ApiError(401, f"this route changes the model: send the admin key (Authorization: Bearer, or {ADMIN_HEADER})")
 
     def require_trainer(self, request: Request) -> frozenset[str] | None:
@@ -84,8 +86,8 @@ class Access:
         if self.refusal:
             raise ApiError(403, self.refusal)
         sent = [_bearer(request), request.headers.get(ADMIN_HEADER)]
-        if not self.admin_keys or _matches(sent, self.admin_keys):
-            return None
+        if (not self.admin_keys and not self.adapter_keys) or _matches(sent, self.admin_keys):
+            return None  # with adapter keys and no admin key, nobody is the admin: every caller shows a key
         for digest, adapters in self.adapter_keys:
             if _matches(sent, [digest]):
                 return adapters

@@ -237,13 +237,18 @@ class PreferenceSample(BaseModel):
 
 
 class SubmitPreferenceOp(JobRequestBase):
-    """Preference training (``mode: preference``) of the served weights, in place: the
-    reference is the served model as the job starts (its log-probabilities, kept as numbers)."""
+    """Preference training (``mode: preference``) of the served weights, in place, or of
+    ``adapter`` on the frozen base: the reference is the served model (or the adapter) as the
+    job starts (its log-probabilities, kept as numbers)."""
 
     op: Literal["submit_preference"] = "submit_preference"
     mode: Literal["preference"] = "preference"
     samples: list[PreferenceSample] = Field(min_length=1)
     options: PreferenceOptions = PreferenceOptions()
+    adapter: AdapterSpec | None = None
+
+    def adapter_name(self) -> str | None:
+        return self.adapter.name if self.adapter is not None else None
 
     def sample_count(self) -> int:
         return len(self.samples)
@@ -310,14 +315,19 @@ def reward_source_problem(samples: list[RLSample], reward_heads: dict[str, float
 
 
 class SubmitRLOp(JobRequestBase):
-    """Policy-gradient training (``mode: rl``) of the served weights, in place, on completions
-    the server sampled: the trainer's log-probabilities as the job starts are the ratio's
-    reference and the KL's, computed once and kept as numbers (``training.rl``)."""
+    """Policy-gradient training (``mode: rl``) of the served weights, in place, or of ``adapter``
+    on the frozen base, on completions the server sampled (under that adapter): the trainer's
+    log-probabilities as the job starts are the ratio's reference and the KL's, computed once and
+    kept as numbers (``training.rl``)."""
 
     op: Literal["submit_rl"] = "submit_rl"
     mode: Literal["rl"] = "rl"
     samples: list[RLSample] = Field(min_length=1)
     options: RLOptions = RLOptions()
+    adapter: AdapterSpec | None = None
+
+    def adapter_name(self) -> str | None:
+        return self.adapter.name if self.adapter is not None else None
 
     @model_validator(mode="after")
     def _rewards_whole(self) -> "SubmitRLOp":

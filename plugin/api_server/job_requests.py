@@ -35,9 +35,9 @@ def job_request(body, paths: PathPolicy):
     if isinstance(body, TrainRequest):
         return SubmitOp(mode=body.mode, samples=body.samples, options=body.options(), adapter=body.adapter_spec())
     if isinstance(body, PreferenceTrainRequest):
-        return SubmitPreferenceOp(samples=body.samples, options=body.options())
+        return SubmitPreferenceOp(samples=body.samples, options=body.options(), adapter=body.adapter_spec())
     if isinstance(body, RLTrainRequest):
-        return SubmitRLOp(samples=body.samples, options=body.options())
+        return SubmitRLOp(samples=body.samples, options=body.options(), adapter=body.adapter_spec())
     if isinstance(body, BTRMTrainRequest):
         return _btrm(body, paths)
     if isinstance(body, CircuitBreakerTrainRequest):

@@ -83,7 +83,7 @@ class RevertRequest(BaseModel):
     wait: bool = False
 
 
-class PreferenceTrainRequest(PreferenceOptions):
+class PreferenceTrainRequest(PreferenceOptions, AdapterFields):
     """``POST /train`` with ``"mode": "preference"``: pairs of replies to one context, the
     wanted one and the other, as token ids; the objective, its settings and every optimizer
     setting as optional top-level fields (defaults in ``PreferenceOptions``)."""
@@ -92,11 +92,16 @@ class PreferenceTrainRequest(PreferenceOptions):
     mode: Literal["preference"]
     wait: bool = Field(False, description="answer when the job is done (else at once, with its id)")
 
+    @model_validator(mode="after")
+    def _adapter_fields_need_adapter(self) -> "PreferenceTrainRequest":
+        self.adapter_spec()
+        return self
+
     def options(self) -> PreferenceOptions:
         return PreferenceOptions(**{k: getattr(self, k) for k in PreferenceOptions.model_fields})
 
 
-class RLTrainRequest(RLOptions):
+class RLTrainRequest(RLOptions, AdapterFields):
     """``POST /train`` with ``"mode": "rl"``: completions the server sampled, as token ids with
     the engine's log-probability of each token, and a reward within a group (or an advantage);
     the objective, its settings and every optimizer setting as optional top-level fields
@@ -111,6 +116,9 @@ class RLTrainRequest(RLOptions):
         problem = reward_source_problem(self.samples, self.reward_heads)
         if problem:
             raise ValueError(problem)
+        if self.adapter_spec() is not None and self.max_staleness is not None:
+            raise ValueError("max_staleness counts the base's weight versions, which an adapter job does not move: "
+                             "leave it out with adapter")
         return self
 
     def options(self) -> RLOptions:

@@ -132,6 +132,41 @@ def test_the_next_request_after_a_job_sees_its_update(served):
     assert held(served)["next"]["steps"] == 2
 
 
+def test_preference_and_rl_train_an_adapter_from_its_own_samples_and_leave_the_base(served):
+    chosen, rejected = [700, 700], [800, 800]
+    base = {"chosen": score(served, None, chosen), "rejected": score(served, None, rejected)}
+    digest = served.arena_digest()
+    # Preference: a new adapter, so the reference (the adapter as the job starts) is the base.
+    r = served.http.post("/v1/train", json={"mode": "preference", "adapter": "prefs", "adapter_rank": 8, "wait": True,
+                                            "samples": [{"context_ids": CONTEXT, "chosen_ids": chosen, "rejected_ids": rejected}],
+                                            "lr": 3e-2, "steps": 20})
+    assert r.status_code == 200 and r.json()["state"] == "succeeded", r.text
+    margin = score(served, "prefs", chosen) - score(served, "prefs", rejected)
+    assert margin > base["chosen"] - base["rejected"] + 1.0
+    # RL: completions sampled under the adapter, rewarded by how many tokens are below 1000, trained on it.
+    assert train(served.http, "rl", [900], steps=1, lr=1e-9).json()["state"] == "succeeded"  # the adapter, ~ the base
+    for _ in range(2):
+        r = served.http.post("/v1/completions", json={"model": "rl", "prompt": CONTEXT, "n": 8, "max_tokens": 6, "seed": 1,
+                                                      "temperature": 1.0, "logprobs": 0, "return_token_ids": True})
+        choices = r.json()["choices"]
+        samples = [{"context_ids": CONTEXT, "completion_ids": c["token_ids"], "logprobs": c["logprobs"]["token_logprobs"],
+                    "reward": sum(t < 1000 for t in c["token_ids"]) / len(c["token_ids"]), "group": "g"} for c in choices]
+        best = max(samples, key=lambda c: c["reward"])["completion_ids"]
+        worst = min(samples, key=lambda c: c["reward"])["completion_ids"]
+        before = score(served, "rl", best) - score(served, "rl", worst)
+        r = served.http.post("/v1/train", json={"mode": "rl", "adapter": "rl", "samples": samples, "lr": 1e-2, "steps": 4,
+                                                "wait": True})
+        job = r.json()
+        assert r.status_code == 200 and job["state"] == "succeeded", r.text
+        # The trainer's log-probs under the adapter as the job started are the engine's: vLLM serves what it trains.
+        assert job["result"]["before"]["logprob_gap_max"] < 1e-3
+        assert score(served, "rl", best) - score(served, "rl", worst) > before  # the better completion gained
+    assert {"chosen": score(served, None, chosen), "rejected": score(served, None, rejected)} == base
+    assert served.arena_digest() == digest
+    r = served.http.post("/v1/train", json={"mode": "rl", "adapter": "rl", "samples": samples, "max_staleness": 2})
+    assert r.status_code == 422 and "max_staleness" in r.json()["error"]["message"]
+
+
 def test_bad_adapter_requests_name_the_fix_and_change_nothing(served):
     assert train(served.http, "shape", [400], steps=1).status_code == 200
     digest, before, models = served.arena_digest(), held(served), served_models(served)

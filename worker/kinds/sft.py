@@ -16,7 +16,7 @@ def ledger_scope(service: Services, op) -> str:
     """What the job's sample ids are prefixed with in the ledger: nothing for the full weights;
     for an adapter, its name and birth, so that each adapter (and one deleted and made anew)
     trains a sample the base or another adapter has trained."""
-    adapter = getattr(op, "adapter", None)  # preference and rl requests have none yet
+    adapter = getattr(op, "adapter", None)  # the requests of SFT's kinds have one; a delete does not
     return "" if adapter is None else service.served_adapters.ledger_scope(adapter.name)
 
 
@@ -43,7 +43,7 @@ class SFT(JobKind):
     tensor_parallel = True
 
     def admit(self, service: Services, op: SubmitOp) -> Admission:
-        if getattr(op, "adapter", None) is not None:
+        if op.adapter is not None:
             if service.tensor_parallel_size > 1:
                 raise OpError("unsupported", "adapter training with tensor parallel size "
                               f"{service.tensor_parallel_size} is not built yet: serve with tensor parallel size 1 for it")
@@ -79,7 +79,7 @@ class SFT(JobKind):
         if not items:
             info.result = {"steps": 0, "note": f"every {self.noun} was already trained"}
             return "succeeded", None
-        train = self.train_weights if getattr(job.op, "adapter", None) is None else self.train_adapter
+        train = self.train_weights if job.op.adapter is None else self.train_adapter
         result = train(service, job, chosen, items)
         info.result = result.as_dict()
         if result.stopped_early:

@@ -275,7 +275,7 @@ def rl_run(args) -> None:
     options = {"lr": args.lr, "objective": args.objective}
     if args.reward_heads:
         options["reward_heads"] = {h.partition("=")[0]: float(h.partition("=")[2] or 1) for h in args.reward_heads}
-    for name in ("batch_size", "steps", "kl_coef", "max_staleness"):
+    for name in ("batch_size", "steps", "kl_coef", "max_staleness", "adapter", "adapter_rank"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     client = HogwildClient(args.url, api_key=args.api_key, admin_key=args.admin_key)
@@ -334,6 +334,9 @@ def status(args) -> None:
     rows.append(("unreadable journal records", len(unreadable)))
     rows += [(f"  {u['file']}", u["reason"]) for u in unreadable]
     rows += group_rows(body.get("group"))
+    adapters = body.get("served_adapters") or []
+    rows.append(("served adapters", len(adapters)))
+    rows += [(f"  {a['name']}", f"rank {a['rank']}, {a['steps']} steps, version {a['version']}") for a in adapters]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value if value is not None else '-'}")
@@ -419,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--kl-coef", type=float, default=None)
     p.add_argument("--max-staleness", type=int, default=None)
+    p.add_argument("--adapter", default=None, help="train this served adapter (sampled from it) instead of the base")
+    p.add_argument("--adapter-rank", type=int, default=None, help="the rank of a new adapter")
     p.add_argument("--out", type=Path, default=None, help="write each iteration as a JSON line")
     p.add_argument("--api-key", default=None)
     p.add_argument("--admin-key", default=None)

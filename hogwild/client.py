@@ -96,8 +96,24 @@ class HogwildClient:
         return self._post("/v1/train", {"mode": "preference", "samples": samples, "objective": objective, "wait": wait,
                                         **options})
 
-    def score(self, prompt: list[int], score_ranges: list[list[int]], heads: bool | list[str] = False) -> list[dict]:
-        return self._post("/v1/score", {"prompt": prompt, "score_ranges": score_ranges, "heads": heads})["scores"]
+    def score(self, prompt: list[int], score_ranges: list[list[int]], heads: bool | list[str] = False,
+              model: str | None = None) -> list[dict]:
+        """Each range's log-likelihood (under the served adapter ``model`` when given)."""
+        body = {"prompt": prompt, "score_ranges": score_ranges, "heads": heads, **({"model": model} if model else {})}
+        return self._post("/v1/score", body)["scores"]
+
+    def adapters(self) -> list[str]:
+        """The served adapters' names (``/v1/models`` after the base)."""
+        r = self.http.get("/v1/models")
+        r.raise_for_status()
+        return [m["id"] for m in r.json()["data"][1:]]
+
+    def delete_adapter(self, name: str) -> dict:
+        """Forget a served adapter (its job's final state)."""
+        r = self.http.delete(f"/v1/adapters/{name}")
+        if r.status_code >= 400:
+            raise RuntimeError(f"/v1/adapters/{name}: {r.status_code} {r.text}")
+        return r.json()
 
     def model_name(self) -> str:
         """The served model's name (the first of ``/v1/models``)."""
@@ -108,10 +124,11 @@ class HogwildClient:
         return self._model
 
     def complete(self, prompts: list[list[int]], n: int = 1, max_tokens: int = 16, temperature: float = 1.0,
-                 seed: int | None = None, **sampling) -> list[list[SampledCompletion]]:
-        """``n`` completions of each prompt (token ids), in one ``/v1/completions`` request: per
-        prompt, its completions with their tokens, the engine's log-probs and the weights' version."""
-        body = {"model": self.model_name(), "prompt": prompts, "n": n, "max_tokens": max_tokens,
+                 seed: int | None = None, model: str | None = None, **sampling) -> list[list[SampledCompletion]]:
+        """``n`` completions of each prompt (token ids), in one ``/v1/completions`` request (from the
+        served adapter ``model`` when given): per prompt, its completions with their tokens, the
+        engine's log-probs and the weights' version."""
+        body = {"model": model or self.model_name(), "prompt": prompts, "n": n, "max_tokens": max_tokens,
                 "temperature": temperature, "logprobs": 0, "return_token_ids": True, **sampling}
         if seed is not None:
             body["seed"] = seed

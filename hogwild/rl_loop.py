@@ -95,11 +95,14 @@ def rl_loop(client: HogwildClient, prompts: Sequence[list[int]], reward: Reward 
     rewards are the ones the job reports. A failed job is
     reported in its iteration and the loop goes on with the next. Sampling is not seeded: one
     seed per request would draw every prompt's completions from the same random numbers, and
-    the groups would explore far less."""
+    the groups would explore far less. With ``adapter`` among the options the completions are the
+    adapter's (the base's until its first job creates it: a new adapter starts as the base)."""
     history = []
+    adapter = options.get("adapter")
     for it in range(iterations):
         started = time.perf_counter()
-        groups = client.complete(list(prompts), n=group_size, max_tokens=max_tokens, temperature=temperature)
+        model = adapter if adapter is not None and adapter in client.adapters() else None
+        groups = client.complete(list(prompts), n=group_size, max_tokens=max_tokens, temperature=temperature, model=model)
         rewards = [[reward(c.prompt_ids, c.completion_ids) for c in group] for group in groups] if reward is not None else None
         sampled = time.perf_counter()
         flat = [r for group in rewards for r in group] if rewards else []

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from hogwild.contracts.served_adapter import AdapterSpec, ServedAdapter
+from hogwild.contracts.served_adapter import DEFAULT_RANK, AdapterSpec, ServedAdapter
 
 from ..model_runner.vllm_internals import adapter_registration, is_error_response, lora_request
 from .http_errors import ApiError
@@ -41,6 +41,7 @@ class AdapterRegistry:
         self.served_names = served_names
         self.reset_cache = reset_cache
         self.synced: dict[str, tuple[str, int]] = {}  # adapter -> (trainer id, version) vLLM serves
+        self.failed: dict[str, str] = {}  # adapter -> why vLLM did not load its last version (retried at each sync)
         self.lock = asyncio.Lock()
 
     def check(self, spec: AdapterSpec) -> None:
@@ -48,13 +49,15 @@ class AdapterRegistry:
         if self.lora is None or self.models is None:
             raise ApiError(501, "training an adapter needs vLLM's multi-LoRA: start the server with --enable-lora "
                            "(and --max-lora-rank at least the adapter's rank)", "adapter")
-        if spec.rank is not None and spec.rank > self.lora.max_lora_rank:
-            raise ApiError(422, f"adapter_rank {spec.rank} is above the server's --max-lora-rank "
+        known = self.models.lora_requests.get(spec.name)
+        rank = spec.rank if spec.rank is not None or known is not None else DEFAULT_RANK  # a new adapter's default
+        if rank is not None and rank > self.lora.max_lora_rank:
+            given = f"adapter_rank {rank}" if spec.rank is not None else f"a new adapter's default rank {rank}"
+            raise ApiError(422, f"{given} is above the server's --max-lora-rank "
                            f"{self.lora.max_lora_rank}: ask for a smaller rank or restart with a larger --max-lora-rank",
                            "adapter_rank")
         if spec.name in self.served_names:
             raise ApiError(422, f"adapter {spec.name!r} is the served model's name: name the adapter otherwise", "adapter")
-        known = self.models.lora_requests.get(spec.name)
         if known is not None and not self.is_ours(known.lora_path):
             raise ApiError(409, f"adapter {spec.name!r} is an adapter vLLM loaded from {known.lora_path} (--lora-modules "
                            "or /v1/load_lora_adapter), not one this server trains: name the adapter otherwise", "adapter")
@@ -84,10 +87,12 @@ class AdapterRegistry:
                     continue
                 try:
                     reloaded |= await self._serve(adapter)
-                except Exception:
+                except Exception as exc:
                     logger.exception("hogwild: vLLM could not load adapter %s (version %d)", adapter.name, adapter.version)
+                    self.failed[adapter.name] = f"{type(exc).__name__}: {exc}"
                     continue
                 self.synced[adapter.name] = (trainer_id, adapter.version)
+                self.failed.pop(adapter.name, None)
             for name in set(self.synced) - {a.name for a in adapters}:
                 await self._forget(name)
             if reloaded:

@@ -276,6 +276,8 @@ class Frontend:
             await self.refresh_prefix_cache(info.trainer_id, info.weights_version)
         if info.adapter is not None:
             await self.sync_adapters()
+            if info.adapter in self.adapters.failed:  # trained, but vLLM serves an older version (or none)
+                info.warnings.append(f"vLLM could not load adapter {info.adapter!r}: {self.adapters.failed[info.adapter]}")
         return info
 
     async def delete_adapter(self, name: str) -> JobInfo:

@@ -43,6 +43,7 @@ class Metrics:
                                       "same weights (the last fingerprint comparison), 0 otherwise; absent alone")
         self.group_stale = gauge("hogwild_group_stale", "1 until this replica has the group's weights (a load balancer may "
                                  "hold it out meanwhile), 0 after; absent alone")
+        self.served_adapters = gauge("hogwild_served_adapters", "Adapters the trainer holds, served by name (--enable-lora)")
         self.since_checkpoint = gauge("hogwild_seconds_since_last_checkpoint", "Seconds since the last checkpoint sync")
         self._seen: tuple[str | None, dict] = (None, {})  # (trainer id, its totals at the last refresh)
         self._restarts = 0
@@ -75,6 +76,7 @@ class Metrics:
             self.rl_last_step.labels(stat=stat).set(value)
         self.weights_version.set(status.weights_version)
         self.queue_depth.set(len(status.queue))
+        self.served_adapters.set(len(status.served_adapters))
         if status.group is not None:
             self.group_consistent.set(1 if status.group.get("consistent") else 0)
             self.group_stale.set(1 if status.group.get("stale") else 0)

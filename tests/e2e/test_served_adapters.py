@@ -167,14 +167,34 @@ def test_preference_and_rl_train_an_adapter_from_its_own_samples_and_leave_the_b
     assert r.status_code == 422 and "max_staleness" in r.json()["error"]["message"]
 
 
+def test_the_rl_loop_samples_from_the_adapter_it_trains_and_operators_see_adapters(served, capsys):
+    from hogwild.cli import main as cli
+    from hogwild.client import HogwildClient
+
+    from .test_llama_compiled import hogwild_metrics
+
+    client = HogwildClient(served.server.url, api_key=API_KEY, admin_key=ADMIN_KEY)
+    history = client.run_rl([CONTEXT], lambda prompt, completion: sum(t < 1000 for t in completion) / len(completion),
+                            group_size=8, iterations=3, max_tokens=6, adapter="loop", adapter_rank=8, lr=1e-2, steps=4)
+    assert [h.state for h in history] == ["succeeded"] * 3
+    # Each iteration sampled the adapter as the last job left it (the first: the base, as a new adapter is):
+    # sampled from anything else, the trainer's log-probs would not be the engine's.
+    assert all(h.logprob_gap_max < 1e-3 for h in history), [h.logprob_gap_max for h in history]
+    assert "loop" in client.adapters() and held(served)["loop"]["steps"] == 12
+    assert hogwild_metrics(served.server.url, served.server.headers())["hogwild_served_adapters"] == len(held(served))
+    cli(["status", served.server.url, "--api-key", API_KEY])
+    assert "rank 8, 12 steps, version 12" in capsys.readouterr().out
+
+
 def test_bad_adapter_requests_name_the_fix_and_change_nothing(served):
     assert train(served.http, "shape", [400], steps=1).status_code == 200
     digest, before, models = served.arena_digest(), held(served), served_models(served)
     sample = {"context_ids": CONTEXT, "continuation_ids": [400]}
     cases = [
         ({"adapter": "big", "adapter_rank": 16}, 422, "--max-lora-rank 8"),
+        ({"adapter": "big"}, 422, "default rank 16 is above the server's --max-lora-rank 8"),
         ({"adapter_rank": 4}, 422, "without adapter"),
-        ({"adapter": "t", "adapter_targets": ["nope"]}, 422, "no adaptable module nope"),
+        ({"adapter": "t", "adapter_rank": 8, "adapter_targets": ["nope"]}, 422, "no adaptable module nope"),
         ({"adapter": str(served.model_dir)}, 422, "adapter"),
         ({"adapter": "shape", "adapter_alpha": 8.0}, 409, "another shape"),
         ({"adapter": "../x"}, 422, "adapter"),

@@ -368,7 +368,7 @@ class Demo:
                 return http.post("/v1/score", json={"model": name, "prompt": ctx + target,
                                                     "score_ranges": [[len(ctx), len(ctx) + len(target)]]}).json()["scores"][0]["total_logprob"]
 
-            base = str(model.resolve())
+            base = http.get("/v1/models").json()["data"][0]["id"]  # the served model's name, as vllm serve was given it
             base_before = {user: logp(base, t) for user, t in targets.items()}
             for user, target in targets.items():
                 job = http.post("/train", headers={"Authorization": f"Bearer {user}-key"}, json={

@@ -18,6 +18,8 @@ first two and the last matter in the worker process, where the model is loaded):
    that inspects or loads them (``torchvision_free``).
 4. When ``VLLM_READOUT_VECTORS`` is set, the model runner's ``load_model``
    also taps every decoder layer for concept readouts (``readout_tap``).
+5. vLLM's CPU LoRA ops give requests without an adapter the last LoRA slot's delta;
+   ``lora_rows`` makes them add nothing (served adapters: the base answers as alone).
 
 Nothing happens unless ``VLLM_PLUGINS`` names ``hogwild``.
 """
@@ -31,7 +33,7 @@ from pathlib import Path
 from hogwild import envs
 
 from .. import session
-from . import live_weights, torchvision_free, vllm_internals
+from . import live_weights, lora_rows, torchvision_free, vllm_internals
 
 logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 
@@ -49,6 +51,7 @@ def register() -> None:
     session.ensure_session_dir()
     live_weights.patch_cpu_dispatch(_publishing)
     live_weights.patch_cpu_moe(_publishing)
+    lora_rows.install()
     _patch_model_loader()
     if envs.readout_vectors() is not None:
         # The tap reads the V1 runner's batch; on GPU vLLM 0.32 defaults to V2.

@@ -94,6 +94,11 @@ def cpu_moe_experts():
     return _optional("vllm.model_executor.layers.fused_moe.experts.cpu_moe", "CPUUnquantizedExperts")
 
 
+def cpu_punica_wrapper():
+    """The module of vLLM's CPU LoRA wrapper (its shrink ops are module globals), or None."""
+    return _optional("vllm.lora.punica_wrapper.punica_cpu")
+
+
 def model_loader():
     """(the ``base_loader`` module, whose ``process_weights_after_loading`` it calls; ``BaseModelLoader``)."""
     from vllm.model_executor.model_loader import base_loader
@@ -309,6 +314,12 @@ INTERNALS: tuple[Internal, ...] = (
              params=("self", "output", "hidden_states", "w1", "w2", "topk_weights", "topk_ids", "activation",
                      "global_num_experts", "expert_map", "a1q_scale", "a2_scale", "workspace13", "workspace2",
                      "expert_tokens_meta", "apply_router_weight_on_input"), exact=True, optional=True),
+    # lora_rows: the CPU LoRA shrink ops, wrapped where the CPU wrapper looks them up
+    *(Internal("vllm.lora.punica_wrapper.punica_cpu", op, "function", "lora_rows.py", call=False, positional=len(params),
+               exact=True, late_in=("vllm.lora.punica_wrapper.punica_cpu",), optional=True, params=params)
+      for op, params in (("bgmv_shrink", ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "scaling")),
+                         ("sgmv_shrink", ("inputs", "lora_a_weights", "output_tensor", "b_seq_start_loc", "seq_len_tensor",
+                                          "lora_indices_tensor", "batches", "max_seq_length", "token_nums", "scaling")))),
     # general: publish after load; the readout tap after the runner's load_model
     Internal(f"{_LOADER}.base_loader", "process_weights_after_loading", "function", "general.py, weight_mapping.py",
              params=("model", "model_config", "target_device"), exact=True),

@@ -18,6 +18,7 @@ import pytest
 
 from hogwild.launch import VllmServer, free_port
 from ..conftest import ADMIN_KEY, API_KEY, LIMITS, Served
+from ..waiting import wait_until
 from .test_llama_compiled import hogwild_metrics
 
 PROMPT = [11, 12, 13, 14, 15, 16, 17, 18]
@@ -152,7 +153,9 @@ def test_a_job_posted_to_either_replica_changes_both_alike(replicas, capsys):
     assert info["state"] == "succeeded"
     assert replicas[1].http.get(f"/train/{job_id}").json()["state"] == "succeeded"
     for replica in replicas:
-        members = replica.group()["members"]
+        # Each replica reads the members' records about once a second; a read that times out keeps the last list.
+        members = wait_until(lambda: (lambda ms: ms if len(ms) == 2 else None)(replica.group()["members"]), timeout=60,
+                             what="both replicas' records in the member list")
         assert sorted(m["rank"] for m in members) == [0, 1]
         metrics = hogwild_metrics(replica.server.url, replica.server.headers())
         assert metrics["hogwild_group_consistent"] == 1.0 and metrics["hogwild_group_stale"] == 0.0

@@ -88,7 +88,6 @@ class ServedAdapters:
         self.lock = threading.Lock()
         self.records: dict[str, ServedAdapter] = {}
         self.adaptable: list[str] = []  # the model's adaptable modules (``bind_model``)
-        self.unreadable: list[str] = []  # durable records that did not load, with why (status shows them)
         for meta_path in sorted(durable.glob(f"*/{META}")) if durable.is_dir() else []:
             try:
                 record = ServedAdapter.model_validate_json(meta_path.read_bytes())
@@ -96,7 +95,6 @@ class ServedAdapters:
                     write_atomic(live / record.name / name, (meta_path.parent / name).read_bytes())
             except (OSError, ValueError) as exc:
                 logger.error("served adapter %s could not be restored: %s", meta_path.parent.name, exc)
-                self.unreadable.append(f"{meta_path.parent.name}: {exc}")
                 continue
             self.records[record.name] = record.model_copy(update={"path": str(live / record.name)})
 

@@ -182,13 +182,16 @@ class Frontend:
         return f"{exc}; {last} ({self.process.restarts} restarts so far)" if last else str(exc)
 
     async def on_event(self, event: Event) -> None:
-        if self.process.lock_fd is not None:  # the metrics show the job before anyone hears it ended
+        status = None
+        if self.process.lock_fd is not None or event.job.adapter is not None:
             try:
-                self.publish(await self.client.request(StatusOp(), timeout=10.0))
+                status = await self.client.request(StatusOp(), timeout=10.0)
             except TrainerError:
                 pass
-        if event.job.adapter is not None:  # vLLM serves what the job trained before anyone hears it ended
-            await self.sync_adapters()
+        if status is not None and self.process.lock_fd is not None:  # the metrics show the job before anyone hears it ended
+            self.publish(status)
+        if status is not None and event.job.adapter is not None:  # vLLM serves what the job trained before anyone hears it ended
+            await self.adapters.sync(status.trainer_id, status.served_adapters)
         for waiter in self.waiters.pop(event.job.job_id, []):
             if not waiter.done():
                 waiter.set_result(event.job)

@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-MANIFEST_VERSION = 4
+MANIFEST_VERSION = 5
 MANIFEST_NAME = "manifest.json"
 ARENA_NAME = "weights.bin"  # the CPU weight arena, beside the manifest
 
@@ -106,6 +106,10 @@ class Manifest(BaseModel):
     # Set when training cannot work with this server (e.g. tensor parallel);
     # inference is unaffected and the training routes report this reason.
     unsupported: str | None = None
+    # The served base is quantized (vLLM's name of the method, e.g. "compressed-tensors"):
+    # nothing is published (vLLM repacks such weights), the trainer reads the frozen base from
+    # the checkpoint and trains adapters only.
+    quantization: str | None = None
 
     @property
     def model_bytes(self) -> int:

@@ -36,6 +36,7 @@ class TrainerStatus(BaseModel):
     dtype: str | None = None
     backend: str | None = None
     model_class: str | None = None
+    quantization: str | None = None  # the served base's quantization method: it trains adapters only
     frozen: dict[str, str] = {}  # parameters kept frozen (not views of the served weights), with why
     parity: dict[str, Any] = {}  # the parity gate: state, probe_ids, max_abs_diff, ...
     vision_tower: str | None = None

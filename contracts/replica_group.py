@@ -92,3 +92,4 @@ class GroupInfo(BaseModel):
     catch_up: dict[str, Any] | None = None
     last_job: dict[str, Any] | None = None  # the last job run on the group: {job_id, allreduce_bytes} (this replica's)
     members: list[MemberRecord] = []
+    members_read_at: float | None = None  # when ``members`` was last read from the group's store (epoch seconds)

@@ -17,6 +17,13 @@ DEFAULT_ALPHA = 32.0  # PEFT's scaling alpha / rank = 2, as TRL's LoRA examples
 DEFAULT_DROPOUT = 0.0
 
 
+def quantized_base_refusal(method: str) -> str:
+    """Why a job that is not an adapter's is refused on a quantized base (the API server and
+    the trainer say the same)."""
+    return (f"the served base is quantized ({method}): its weights cannot be trained in place; train an adapter on "
+            'it instead (send "adapter": "<name>", with vllm serve --enable-lora)')
+
+
 class AdapterSpec(BaseModel):
     """The adapter a job trains. ``None`` fields: the adapter's own (an existing one), else the default."""
 

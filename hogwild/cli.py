@@ -302,6 +302,8 @@ def group_rows(group: dict | None) -> list[tuple[str, object]]:
     agree = {True: "yes", False: "NO", None: "not compared yet"}[group.get("consistent")]
     rows = [("replica group", f"rank {group['rank']} of {group['size']}, {group['state']}"), ("  reason", group.get("reason")),
             ("  replicas agree", agree), ("  stale", group.get("stale")), ("  fingerprint", group.get("fingerprint"))]
+    if group.get("members_read_at"):
+        rows.append(("  member list read", f"{time.time() - group['members_read_at']:.1f} s ago"))
     for m in group.get("members") or []:
         age = time.time() - m["seen_at"]
         rows.append((f"  replica {m['rank']}", f"{m['host']} pid {m['pid']}: {m['state']}, version {m['weights_version']}, "
@@ -319,6 +321,7 @@ def status(args) -> None:
         return
     totals, server = body.get("totals") or {}, body.get("server") or {}
     rows = [("state", body.get("state")), ("reason", body.get("reason")), ("model", body.get("model")),
+            *([("quantized base", f"{body['quantization']} (trains adapters only)")] if body.get("quantization") else []),
             ("weights version", body.get("weights_version")), ("queue depth", len(body.get("queue") or [])),
             ("running", (body.get("running") or {}).get("job_id")),
             ("jobs submitted", totals.get("jobs_submitted")), ("jobs finished", totals.get("jobs_finished")),

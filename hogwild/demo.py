@@ -222,6 +222,10 @@ class Demo:
         self.adapters(tok)
         self.note()
 
+        self.note("## 21. An adapter on an int4 base: vLLM serves the quantized model, the trainer trains an adapter on it")
+        self.quantized_adapter(tok)
+        self.note()
+
     def online_rl(self) -> None:
         """The untrained model (a fresh copy): a verifiable reward (the fraction of completion
         tokens in a fixed fifth of the vocabulary), 8 prompts x 8 completions per iteration, one
@@ -394,6 +398,37 @@ class Demo:
                 ax.set_ylabel("log P(target), /v1/score")
                 ax.set_title("One base, two users' adapters: each moves its own target only")
                 ax.legend(fontsize=8)
+        finally:
+            server.stop()
+
+    def quantized_adapter(self, tok) -> None:
+        """The tiny model quantized W4A16 (compressed-tensors int4, groups of 32), served in bf16
+        by vLLM's int4 kernel: a full-weight job is refused with the fix, an adapter learns."""
+        model = tiny_model.build(self.out / "model-w4a16", dtype="bfloat16", quantize="w4a16")
+        shutil.rmtree(self.out / "state-w4a16", ignore_errors=True)
+        server = VllmServer(model, log_path=self.out / "vllm-w4a16.log", dtype="bfloat16",
+                            extra_args=["--enable-lora", "--max-lora-rank", "8"], env={"HOGWILD_STATE_DIR": str(self.out / "state-w4a16")})
+        say(f"starting: VLLM_PLUGINS=hogwild vllm {' '.join(server.args)}")
+        server.start(timeout=600)
+        try:
+            server.wait_trainer()
+            http = httpx.Client(base_url=server.url, timeout=600)
+            status = http.get("/train/status").json()
+            self.note(f"    the trainer holds the packed base ({status['quantization']}, "
+                      f"{status['memory']['param_bytes'] / 2**20:.2f} MiB); parity gate {status['parity']['state']} "
+                      f"(max |d log p| {status['parity']['max_abs_diff']:.3f} against vLLM's int4 kernel)")
+            ctx, target = tok.encode("Tell me a word:"), [tok.encode(" apple")[0]] * 4
+            sample = {"context_ids": ctx, "continuation_ids": target}
+            r = http.post("/train", json={"samples": [sample]})
+            self.note(f"    a full-weight job: {r.status_code} {r.json()['error']['message']!r}")
+            job = http.post("/train", json={"adapter": "apple", "adapter_rank": 8, "samples": [sample], "lr": 3e-2,
+                                            "steps": 100, "wait": True}).json()
+            self.note(f"    adapter 'apple' on the int4 base: {job['state']}, loss {job['result']['loss_before']:.2f} -> "
+                      f"{job['result']['loss_after']:.2f}")
+            for name in (str(model), "apple"):
+                ids = http.post("/v1/completions", json={"model": name, "prompt": ctx, "max_tokens": 4, "temperature": 0,
+                                                         "return_token_ids": True}).json()["choices"][0]["token_ids"]
+                self.note(f"    model {('base' if name == str(model) else name)!r}: {tok.decode(ctx)!r} -> {tok.decode(ids)!r}")
         finally:
             server.stop()
 

@@ -151,8 +151,10 @@ FAMILIES = {
 }
 
 
-def build(out: Path, dtype: str = "float32", preset: str = "tiny", seed: int = 0, arch: str = "qwen2") -> Path:
-    """Write a complete HF model directory to `out` and return it."""
+def build(out: Path, dtype: str = "float32", preset: str = "tiny", seed: int = 0, arch: str = "qwen2",
+          quantize: str | None = None) -> Path:
+    """Write a complete HF model directory to `out` and return it; ``quantize="w4a16"``: its
+    decoder's linear layers quantized (``quantize_w4a16``)."""
     import torch
     import transformers
     from transformers import GenerationConfig
@@ -200,6 +202,10 @@ def build(out: Path, dtype: str = "float32", preset: str = "tiny", seed: int = 0
     model = model.to(getattr(torch, dtype))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    if quantize:
+        if family.kind != "dense":
+            raise SystemExit(f"--quantize: only dense families are quantized here, not {arch} ({family.kind})")
+        quantize_w4a16(model, out)
     # Greedy by default; no sampling settings that would surprise a test.
     GenerationConfig(eos_token_id=common["eos_token_id"], pad_token_id=common["pad_token_id"]).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -207,9 +213,46 @@ def build(out: Path, dtype: str = "float32", preset: str = "tiny", seed: int = 0
         write_image_processor(out, family.vision)
     (out / "hogwild_tiny_model.json").write_text(
         json.dumps({"arch": arch, "kind": family.kind, "serve_dtype": family.serve_dtype, "preset": preset, "dtype": dtype,
-                    "seed": seed, **asdict(shape)}, indent=2) + "\n"
+                    "seed": seed, "quantize": quantize, **asdict(shape)}, indent=2) + "\n"
     )
     return out
+
+
+def quantize_w4a16(model, out: Path, group_size: int = 32) -> None:
+    """Rewrite the decoder's linear layers in ``out`` as compressed-tensors W4A16: int4 weights,
+    symmetric, one scale per ``group_size`` inputs (min-max, no calibration data), packed
+    (``pack-quantized``): a format vLLM serves on CPU (its CPUWNA16 kernel) as on GPU. The
+    embeddings, norms and head stay in the model's dtype."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+    from safetensors.torch import load_file, save_file
+
+    from hogwild.training.hf_model import decoder_layers
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    names = {id(m): n for n, m in model.named_modules()}
+    path = out / "model.safetensors"
+    tensors = load_file(path)
+    for layer in decoder_layers(model):
+        for module in layer.modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            name = names[id(module)]
+            weight = tensors.pop(f"{name}.weight")
+            groups = weight.float().view(weight.shape[0], -1, group_size)
+            scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+            packed = PackedQuantizationCompressor.compress(
+                {"weight": weight, "weight_scale": scale.to(weight.dtype), "weight_zero_point": zero_point}, scheme)
+            tensors.update({f"{name}.{key}": value.contiguous() for key, value in packed.items()})
+    save_file(tensors, path, metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    quantization = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                                      quantization_status="compressed", ignore=["lm_head"])
+    config["quantization_config"] = {"quant_method": "compressed-tensors", **quantization.model_dump(mode="json")}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def write_image_processor(out: Path, vision: dict) -> None:
@@ -234,9 +277,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--arch", choices=list(FAMILIES), default="qwen2", help="the decoder family (default: qwen2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quantize", choices=["w4a16"], default=None,
+                        help="quantize the decoder's linear layers (compressed-tensors int4, group 32)")
     args = parser.parse_args(argv)
-    out = build(args.out, args.dtype, args.preset, args.seed, args.arch)
-    print(f"wrote {args.preset} {args.arch} {args.dtype} model to {out}")
+    out = build(args.out, args.dtype, args.preset, args.seed, args.arch, args.quantize)
+    print(f"wrote {args.preset} {args.arch} {args.dtype} model to {out}" + (f", {args.quantize}" if args.quantize else ""))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 from types import SimpleNamespace
 
 from hogwild.contracts.protocol import PROTOCOL_VERSION, Request, StatusOp, TokenLogprobsOp
-from hogwild.plugin.trainability import unsupported_reason
+from hogwild.plugin.trainability import full_weight_refusal, unsupported_reason
 from hogwild.worker.__main__ import parse_request
 
 PROBE = """
@@ -54,12 +54,16 @@ def config(tp=1, pp=1, dp=1, quant=None, device="cpu"):
     )
 
 
-def test_pipeline_data_parallel_and_quantized_servers_are_refused_with_a_reason():
+def test_pipeline_data_parallel_and_quantized_servers_are_refused_with_a_reason_or_train_adapters_only():
     assert unsupported_reason(config()) is None
     assert unsupported_reason(config(tp=2)) is None  # each rank publishes its shard, one trainer rank each
     assert "pipeline parallel size 2" in unsupported_reason(config(pp=2))
     assert "data parallel" in unsupported_reason(config(dp=2))
-    assert "quantized" in unsupported_reason(config(quant="fp8"))
+    assert "fp8 base is not supported: adapters train on compressed-tensors" in unsupported_reason(config(quant="fp8"))
+    # A compressed-tensors base trains adapters only, with tensor parallel size 1.
+    assert unsupported_reason(config(quant="compressed-tensors")) is None
+    assert '"adapter"' in full_weight_refusal(config(quant="compressed-tensors")) and full_weight_refusal(config()) is None
+    assert "tensor parallel size 2" in unsupported_reason(config(tp=2, quant="compressed-tensors"))
     assert "inference works" in unsupported_reason(config(pp=2))
     assert "xpu" in unsupported_reason(config(device="xpu"))
 

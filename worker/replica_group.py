@@ -67,6 +67,7 @@ class ReplicaGroup:
         self.generation = 0
         self.catch_up: dict | None = None
         self.members: list[MemberRecord] = []
+        self.members_read_at: float | None = None  # when the heartbeat last read them (epoch seconds)
         self.heard: dict[int, tuple[float, float]] = {}  # rank -> (its record's seen_at, when it last changed here)
         self.formed_with: dict[int, str] = {}  # rank -> trainer id, in the current generation
         self.formed_at = 0.0
@@ -92,7 +93,8 @@ class ReplicaGroup:
     def info(self) -> GroupInfo:
         return GroupInfo(size=self.size, rank=self.rank, state=self.state, reason=self.reason, consistent=self.consistent,
                          stale=self.stale, weights_version=self.service.weights_version, fingerprint=self.fingerprint,
-                         generation=self.generation, catch_up=self.catch_up, last_job=self.last_job, members=self.members)
+                         generation=self.generation, catch_up=self.catch_up, last_job=self.last_job, members=self.members,
+                         members_read_at=self.members_read_at)
 
     def admit(self, kind, op) -> None:
         """The leader: refuse a job the group cannot run now, saying why."""
@@ -405,7 +407,7 @@ class ReplicaGroup:
 
     def _heartbeat(self) -> None:
         """Publish this replica's record and read everyone's, about once a second."""
-        store = None
+        store, failing = None, False
         while not self.service.stopping:
             try:
                 if store is None:
@@ -413,11 +415,17 @@ class ReplicaGroup:
                 store.set(f"member/{self.rank}", self.record().model_dump_json())
                 keys = [f"member/{r}" for r in range(self.size)]
                 self.members = [MemberRecord.model_validate_json(store.get(k)) for k in keys if store.check([k])]
+                self.members_read_at = time.time()
                 for m in self.members:
                     if self.heard.get(m.rank, (None,))[0] != m.seen_at:
                         self.heard[m.rank] = (m.seen_at, time.monotonic())
                 self._watch_members()
-            except Exception:
-                logger.debug("replica group: heartbeat failed", exc_info=True)
-                store = None
+                if failing:
+                    logger.info("replica group: the group's store answers again")
+                failing = False
+            except Exception as exc:
+                # Once per outage: the member list in /train/status keeps its last read (members_read_at).
+                logger.log(logging.DEBUG if failing else logging.WARNING, "replica group: heartbeat through the "
+                           "store at %s:%d failed: %s: %s", self.host, self.port, type(exc).__name__, exc)
+                store, failing = None, True
             time.sleep(1.0)

@@ -43,6 +43,7 @@ from hogwild.contracts.protocol import (
     TokenLogprobs,
     TokenLogprobsOp,
 )
+from hogwild.contracts.served_adapter import quantized_base_refusal
 from hogwild.contracts.trainer_ranks import RANK_DIED_EXIT, LogprobsCommand, RankEnvelope, StopCommand, TrainCommand
 from hogwild.contracts.weights_version import WeightsVersionWriter
 from hogwild.training.hf_model import pad_token_id
@@ -280,6 +281,8 @@ class TrainerService:
         if self.group is not None and not kind.tensor_parallel:
             raise OpError("unsupported", f"{op.mode} training with tensor parallel size {self.group.size} is not supported "
                           "yet (sft and preference are): serve with tensor parallel size 1 for it")
+        if self.manifest.quantization and op.adapter_name() is None:
+            raise OpError("unsupported", quantized_base_refusal(self.manifest.quantization))
         if self.replicas is not None:
             self.replicas.admit(kind, op)
         self.check_token_ids(op.token_lists())

@@ -91,18 +91,69 @@ def model_skeleton(manifest: Manifest, model_dir: str | Path | None = None):
     return model
 
 
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The model directory's safetensors files."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({(model_dir / f) for f in json.loads(index.read_text())["weight_map"].values()})
+    return sorted(model_dir.glob("*.safetensors"))
+
+
 def checkpoint_tensor(model_dir: Path, name: str) -> torch.Tensor | None:
     """``name`` read from the model directory's safetensors files, or None."""
     from safetensors import safe_open
 
-    index = model_dir / "model.safetensors.index.json"
-    files = sorted({(model_dir / f) for f in json.loads(index.read_text())["weight_map"].values()}) if index.exists() \
-        else sorted(model_dir.glob("*.safetensors"))
-    for path in files:
+    for path in checkpoint_files(model_dir):
         with safe_open(str(path), "pt") as f:
             if name in f.keys():
                 return f.get_tensor(name)
     return None
+
+
+def checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the model directory's safetensors files (memory-mapped by safetensors)."""
+    from safetensors.torch import load_file
+
+    return {name: tensor for path in checkpoint_files(model_dir) for name, tensor in load_file(path).items()}
+
+
+def bind_packed_base(model: torch.nn.Module, manifest: Manifest) -> dict[str, str]:
+    """Make ``model`` the frozen quantized base that vLLM serves (``manifest.quantization``),
+    from the checkpoint: each quantized linear layer a ``PackedLinear`` holding the packed
+    tensors, every other parameter a frozen copy. vLLM repacks quantized weights for its
+    kernels, so none of them is a view of what it computes with; the base never changes, so
+    the two stay equal. Returns the frozen names with why; raises ``UnsupportedModel``."""
+    from hogwild.training.packed_linear import PackedLinear, packed_scheme
+
+    directory = Path(manifest.model)
+    try:
+        scheme = packed_scheme(json.loads((directory / "config.json").read_text())["quantization_config"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise UnsupportedModel(f"adapters on a {manifest.quantization} base: {exc}") from None
+    dtype = getattr(torch, manifest.dtype)
+    tensors = checkpoint_tensors(directory)
+    for name, module in list(model.named_modules()):
+        if f"{name}.weight_packed" not in tensors:
+            continue
+        if not isinstance(module, torch.nn.Linear):
+            raise UnsupportedModel(f"{name} is quantized in the checkpoint but is not a linear layer in transformers")
+        packed = {key: tensors.pop(f"{name}.{key}") for key in ("weight_packed", "weight_scale", "weight_shape",
+                                                                 "weight_zero_point", "weight_g_idx") if f"{name}.{key}" in tensors}
+        bias = tensors.pop(f"{name}.bias", None)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf,
+                PackedLinear(module.in_features, module.out_features, packed, scheme, dtype, bias))
+    aliases = _aliases(model)
+    frozen = {}
+    for name, value in tensors.items():
+        if name in aliases and model.get_parameter(name).is_meta:
+            _set_parameter(model, aliases[name], value.to(dtype), requires_grad=False)
+            frozen[name] = f"{manifest.quantization} base: frozen, read from the checkpoint"
+    unbound = [name for name, p in model.named_parameters() if p.is_meta]
+    if unbound:
+        raise UnsupportedModel(f"parameters the quantized checkpoint does not hold: {', '.join(unbound[:8])}")
+    model.eval()
+    return frozen
 
 
 def served_views(tensors: dict[str, torch.Tensor], views) -> dict[str, torch.Tensor]:
@@ -178,6 +229,10 @@ def bind(manifest: Manifest, group=None) -> tuple[torch.nn.Module, Binding]:
     from .process_memory import memory_snapshot, release_free_heap
 
     model = model_skeleton(manifest)
+    if manifest.quantization:
+        frozen = bind_packed_base(model, manifest)
+        held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        return model, Binding(frozen, None, held, 0, None)
     if manifest.tensor_parallel_size > 1 and manifest.not_views:
         name, reason = next(iter(manifest.not_views.items()))
         raise UnsupportedModel(f"training with tensor parallel size {manifest.tensor_parallel_size} needs every weight to "

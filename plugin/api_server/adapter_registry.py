@@ -62,6 +62,10 @@ class AdapterRegistry:
             raise ApiError(409, f"adapter {spec.name!r} is an adapter vLLM loaded from {known.lora_path} (--lora-modules "
                            "or /v1/load_lora_adapter), not one this server trains: name the adapter otherwise", "adapter")
 
+    def knows(self, name: str) -> bool:
+        """Whether vLLM serves an adapter of that name in this process."""
+        return self.models is not None and name in self.models.lora_requests
+
     def is_ours(self, path: str) -> bool:
         return Path(path).resolve().parent == self.live_root
 

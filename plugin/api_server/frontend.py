@@ -32,7 +32,7 @@ from hogwild.contracts.jobs import SubmitAdapterDeleteOp
 from hogwild.contracts.weights_version import WeightsVersionReader
 
 from ..session import ensure_session_dir
-from ..trainability import unsupported_reason
+from ..trainability import full_weight_refusal, unsupported_reason
 from .adapter_registry import AdapterRegistry
 from .auth import Access
 from .http_errors import ApiError
@@ -88,6 +88,7 @@ class Frontend:
         self.access = Access(args)
         self.limits = Limits.from_env()
         self.unsupported = unsupported_reason(config)
+        self.adapters_only = full_weight_refusal(config)  # a quantized base: why its weights do not train
         self.session = ensure_session_dir()
         self.state_dir = default_state_dir(str(config.model_config.model))
         model_path = Path(str(config.model_config.model))
@@ -236,7 +237,11 @@ class Frontend:
         op = job_request(body, self.paths)
         validate_job(op, self.limits, self.vocab_size, self.max_model_len)
         if getattr(op, "adapter", None) is not None:
+            if not self.adapters.knows(op.adapter.name) and self.client is not None:
+                await self.sync_adapters()  # one the trainer holds but this process has not registered yet
             self.adapters.check(op.adapter)
+        elif self.adapters_only and op.adapter_name() is None:
+            raise ApiError(501, self.adapters_only)
         info = await self.call(op)
         return await self.wait(info.job_id) if wait else info
 

@@ -60,12 +60,13 @@ def register() -> None:
 
 
 def _publishing() -> bool:
-    """False where the weights will not be published (e.g. pipeline parallel): then
-    vLLM's fast packed path stays. Tensor-parallel ranks publish their shards."""
-    from ..trainability import unsupported_reason
+    """False where the weights will not be published (e.g. pipeline parallel, a quantized
+    base): then vLLM's fast packed path stays. Tensor-parallel ranks publish their shards."""
+    from ..trainability import quantization, unsupported_reason
 
     try:
-        return unsupported_reason(vllm_internals.current_vllm_config()) is None
+        config = vllm_internals.current_vllm_config()
+        return unsupported_reason(config) is None and quantization(config) is None
     except Exception:
         return True
 

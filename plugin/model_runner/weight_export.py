@@ -29,7 +29,7 @@ from hogwild.contracts.manifest import (
 )
 from hogwild.training.hf_model import UnsupportedModel
 
-from ..trainability import unsupported_reason
+from ..trainability import quantization, unsupported_reason
 from . import vllm_internals
 
 logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
@@ -153,8 +153,8 @@ def publish(model: torch.nn.Module, vllm_config, session: Path) -> Manifest:
     if vllm_problem is None and (note := vllm_internals.version_note(version)):
         logger.warning("hogwild: %s", note)
     reason = unsupported_reason(vllm_config) or vllm_problem
-    manifest = Manifest(backend="none", unsupported=reason, **base)
-    if reason is None:
+    manifest = Manifest(backend="none", unsupported=reason, quantization=quantization(vllm_config), **base)
+    if reason is None and manifest.quantization is None:
         try:
             views = hf_views(model, Path(str(model_config.model)), model_config.dtype, shards=tp > 1)  # before the weights move
             if vllm_config.device_config.device.type == "cuda":

@@ -157,6 +157,7 @@ def test_a_job_posted_to_either_replica_changes_both_alike(replicas, capsys):
         members = wait_until(lambda: (lambda ms: ms if len(ms) == 2 else None)(replica.group()["members"]), timeout=60,
                              what="both replicas' records in the member list")
         assert sorted(m["rank"] for m in members) == [0, 1]
+        assert time.time() - replica.group()["members_read_at"] < 10  # the list is fresh (read ~once a second)
         metrics = hogwild_metrics(replica.server.url, replica.server.headers())
         assert metrics["hogwild_group_consistent"] == 1.0 and metrics["hogwild_group_stale"] == 0.0
     from hogwild.cli import main as cli
@@ -165,7 +166,7 @@ def test_a_job_posted_to_either_replica_changes_both_alike(replicas, capsys):
     cli(["status", replicas[1].server.url, "--api-key", API_KEY])
     printed = capsys.readouterr().out
     assert "rank 1 of 2, ready" in printed and "replicas agree" in printed and "yes" in printed
-    assert "replica 0 " in printed and "replica 1 " in printed, printed
+    assert "replica 0 " in printed and "replica 1 " in printed and "member list read" in printed, printed
 
 
 def test_a_job_cancelled_through_a_follower_stops_every_replica_at_the_same_step(replicas):

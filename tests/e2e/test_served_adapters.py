@@ -256,23 +256,30 @@ def test_peft_loads_the_checkpointed_adapter_with_vllms_scores(served):
     assert score(served, "peft", target) == pytest.approx(total, abs=1e-4)
 
 
-def test_a_deleted_adapter_is_gone_and_the_others_outlive_a_restart(served, tiny_model_dir, tmp_path):
+def test_a_deleted_adapter_is_gone_and_the_others_outlive_a_restart(served, tmp_path):
     assert train(served.http, "gone", [600], steps=1).json()["state"] == "succeeded"
     r = served.http.delete("/v1/adapters/gone")
     assert r.status_code == 200 and r.json()["state"] == "succeeded", r.text
     assert "gone" not in served_models(served) and "gone" not in held(served)
     assert served.http.post("/v1/score", json={"prompt": CONTEXT + [600], "score_ranges": [[4, 5]],
                                                "model": "gone"}).status_code == 404
-    assert train(served.http, "kept", TARGETS["alice"], steps=5).json()["state"] == "succeeded"
+    sample = {"context_ids": CONTEXT, "continuation_ids": TARGETS["alice"], "id": "kept-1"}
+    r = served.http.post("/v1/train", json={**TRAIN, "adapter": "kept", "samples": [sample], "steps": 5, "wait": True})
+    assert r.json()["state"] == "succeeded", r.text
     kept = score(served, "kept", TARGETS["alice"])
     assert "kept" in served.http.post("/v1/checkpoint", json={}).json()["adapters_written"]
     # A new server on the same state directory: the trainer's copies come back, and vLLM serves them;
     # the checkpointed copy, loaded by vLLM itself (--lora-modules), scores the same.
     shutil.copytree(served.state_dir, tmp_path / "restarted-state")
     static = ["--lora-modules", f"checkpointed={served.model_dir / 'adapters' / 'kept'}"]
-    server, handle = start_served(tiny_model_dir, tmp_path, "restarted", dtype="float32", extra_args=LORA_ARGS + static,
-                                  env=env())
+    server, handle = start_served(served.model_dir, tmp_path, "restarted", dtype="float32", extra_args=LORA_ARGS + static,
+                                  env=env())  # a copy of the checkpointed directory: the base as served, and its ledger
     try:
+        # At once, before the API server's first sync: a job that names the held adapter without its
+        # rank is checked against the adapter's rank (8), not a new one's default (16 > --max-lora-rank 8).
+        # Its sample is in the adapter's ledger already: admitted, and nothing trained.
+        r = handle.http.post("/v1/train", json={"adapter": "kept", "samples": [sample], "wait": True})
+        assert r.status_code == 200 and r.json()["skipped_ids"] == ["kept-1"], r.text
         wait_until(lambda: "kept" in served_models(handle), timeout=60, what="the restarted server serving 'kept'")
         assert score(handle, "kept", TARGETS["alice"]) == kept == score(handle, "checkpointed", TARGETS["alice"])
         assert "gone" not in held(handle) and held(handle)["kept"]["steps"] == 5

@@ -275,9 +275,9 @@ def test_a_deleted_adapter_is_gone_and_the_others_outlive_a_restart(served, tmp_
     server, handle = start_served(served.model_dir, tmp_path, "restarted", dtype="float32", extra_args=LORA_ARGS + static,
                                   env=env())  # a copy of the checkpointed directory: the base as served, and its ledger
     try:
-        # At once, before the API server's first sync: a job that names the held adapter without its
-        # rank is checked against the adapter's rank (8), not a new one's default (16 > --max-lora-rank 8).
-        # Its sample is in the adapter's ledger already: admitted, and nothing trained.
+        # A job that names the held adapter without its rank is checked against the adapter's rank (8),
+        # not a new one's default (16 > --max-lora-rank 8); its sample is in the adapter's ledger,
+        # which the checkpoint kept: admitted, and nothing trained.
         r = handle.http.post("/v1/train", json={"adapter": "kept", "samples": [sample], "wait": True})
         assert r.status_code == 200 and r.json()["skipped_ids"] == ["kept-1"], r.text
         wait_until(lambda: "kept" in served_models(handle), timeout=60, what="the restarted server serving 'kept'")

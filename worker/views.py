@@ -111,7 +111,7 @@ def checkpoint_tensor(model_dir: Path, name: str) -> torch.Tensor | None:
 
 
 def checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the model directory's safetensors files (memory-mapped by safetensors)."""
+    """Every tensor of the model directory's safetensors files, read into memory."""
     from safetensors.torch import load_file
 
     return {name: tensor for path in checkpoint_files(model_dir) for name, tensor in load_file(path).items()}

@@ -3,8 +3,8 @@ task (reward = the fraction of completion tokens in a fixed fifth of the vocabul
 mean reward starts near 0.2 and rises well above it, in fp32 and in bf16, while other
 completions keep being served; every completion says the weights' version it was sampled at,
 and the version rises by each update's steps. ``max_staleness`` refuses samples drawn too long
-ago. With ``reward_heads`` the rewards come from the server's own BTRM heads, and the heads'
-score rises. The loop changes the model a lot: this module has its own servers."""
+ago. With ``reward_heads`` the rewards come from the server's own BTRM heads. The loop changes
+the model a lot: this module has its own servers."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from hogwild.client import HogwildClient, btrm_samples
 from hogwild.contracts.btrm_config import load_config
 from hogwild.contracts.weights_version import HEADER
-from hogwild.rl_loop import TokenBandReward, rl_loop
+from hogwild.rl_loop import TokenBandReward, rl_loop, rl_samples
 from hogwild.training.btrm_corpora import write_corpora
 from hogwild.training.btrm_data import build_labelled_set
 
@@ -45,15 +45,6 @@ def rl_server(model_dir, tmp_path_factory, dtype: str):
 @pytest.fixture(scope="module")
 def rl_served(tiny_model_dir, tmp_path_factory):
     with rl_server(tiny_model_dir, tmp_path_factory, "float32") as handle:
-        yield handle
-
-
-@pytest.fixture(scope="module")
-def heads_served(tiny_model_dir, tmp_path_factory):
-    """A fresh model for the heads: on one the other loop has moved far, the trunk's drift under
-    RL (the heads stay as trained) can lower every score faster than the policy climbs them."""
-    with serving(tiny_model_dir, tmp_path_factory.mktemp("rl"), "rl-heads", dtype="float32",
-                 env={"HOGWILD_ADMIN_KEY": ADMIN_KEY, **LIMITS}) as handle:
         yield handle
 
 
@@ -174,10 +165,17 @@ def test_metrics_show_the_last_rl_step(rl_served):
         assert scrape[f'hogwild_rl_last_step{{stat="{stat}"}}'] == pytest.approx(step[stat], rel=1e-6, abs=1e-12), stat
 
 
-def test_the_reward_heads_score_rises_when_they_give_the_rewards(heads_served):
-    """After a BTRM job trains heads on this server, the loop's rewards come from one of them
-    (``reward_heads``): the head's score of the loop's own completions rises."""
-    served = heads_served
+def test_the_reward_heads_give_the_rewards(rl_served):
+    """After a BTRM job trains heads on this server, RL's rewards come from them (``reward_heads``):
+    each sample's reward is the weighted sum of what ``/v1/score`` gives for its text at its last
+    token, on the weights the job started from; the loop runs on them, and a full-weight job is
+    told that it moves the trunk the heads read.
+
+    That the heads' score of the loop's completions rises is not asserted: measured on this model
+    (DESIGN.md, RL training), the rise under full-weight RL is the trunk moving under the heads
+    (the first completions, scored again at the end, score as high as the last ones), and with an
+    adapter (the heads on the frozen base) no rise above a no-learning control in 80 iterations."""
+    served = rl_served
     corpora = write_corpora(served.state_dir / "btrm-corpora", per_tier=15)
     tok = AutoTokenizer.from_pretrained(served.model_dir)
     config = load_config(corpora)
@@ -186,20 +184,27 @@ def test_the_reward_heads_score_rises_when_they_give_the_rewards(heads_served):
                                          "samples": btrm_samples(tok, config, labelled.texts, labelled.labels)})
     assert r.status_code == 200 and r.json()["state"] == "succeeded", r.text
     client = HogwildClient(served.server.url, api_key=API_KEY, admin_key=ADMIN_KEY)
-    history = rl_loop(client, PROMPTS, None, **{**LOOP, "iterations": 25, "lr": 1e-3}, reward_heads={"ocean": 1.0})
+    weights = {"ocean": 1.0, "fable": -0.5}
+    groups = client.complete(PROMPTS[:4], n=4, max_tokens=8, seed=3)
+    samples = rl_samples(groups, None, [f"heads:{i}" for i in range(len(groups))])
+    expected = []
+    for s in samples:
+        ids = [*s["context_ids"], *s["completion_ids"]]
+        expected.append(client.score(ids, [[0, len(ids)]], heads=list(weights))[0]["heads"])
+    job = client.train_rl(samples, wait=True, reward_heads=weights, lr=1e-3)
+    assert job["state"] == "succeeded" and job["result"]["steps"] > 0, job
+    result = job["result"]
+    assert len(result["head_scores"]) == len(result["rewards"]) == len(samples)
+    for row, reward, want in zip(result["head_scores"], result["rewards"], expected):
+        assert row == {h: pytest.approx(v, abs=1e-4) for h, v in want.items()}
+        assert reward == pytest.approx(sum(w * row[h] for h, w in weights.items()))
+    assert any("moves the trunk the heads read" in w for w in job["warnings"]), job["warnings"]
+    # The loop takes each iteration's rewards from its job.
+    history = rl_loop(client, PROMPTS[:4], None, **{**LOOP, "iterations": 2, "lr": 1e-3}, reward_heads=weights)
     assert all(h.state == "succeeded" for h in history), [(h.state, h.error) for h in history]
-    # Each iteration's mean reward is the head's mean score of its 64 completions, scored before the
-    # job's first step. Measured 2026-12-07: the best three iterations average 1.9 (the CI run whose
-    # rise did not last) to 6.1 above the first; at lr 1e-9 (a control: nothing learnt) 0.6 above.
-    # How long the rise lasts is not asserted: the trunk moves under the fixed heads (DESIGN.md, RL
-    # training), and that CI run rose to 3.1 by iteration 4 and fell back to 1.0.
-    rewards = [h.mean_reward for h in history]
-    best = max(sum(rewards[i : i + 3]) / 3 for i in range(1, len(rewards) - 2))
-    assert best > rewards[0] + 1.5, [round(r, 2) for r in rewards]
-    # The job reports each sample's head scores and the reward made from them.
-    job = served.http.get(f"/train/{history[-1].job_id}").json()["result"]
-    assert len(job["head_scores"]) == len(job["rewards"]) == len(job["advantages"]) > 0
-    assert all(row == {"ocean": pytest.approx(reward)} for row, reward in zip(job["head_scores"], job["rewards"]))
+    for h in history:
+        reported = served.http.get(f"/train/{h.job_id}").json()["result"]["rewards"]
+        assert h.rewards == reported and h.mean_reward == pytest.approx(sum(reported) / len(reported))
 
 
 def test_the_reward_rises_in_bf16_as_in_fp32(rl_served_bf16):

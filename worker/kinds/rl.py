@@ -41,6 +41,13 @@ def staleness_problem(samples, current: int, max_staleness: int | None) -> str |
     return None
 
 
+# Measured (DESIGN.md, RL training): under full-weight RL the heads' scores of the same old
+# completions rise as much as those of the new ones.
+TRUNK_UNDER_HEADS = ("reward_heads on the full weights: the job moves the trunk the heads read, so their scores "
+                     "can rise without better completions; train an adapter (\"adapter\") to keep the heads on the "
+                     "frozen base")
+
+
 class RL(SFT):
     request = SubmitRLOp
     noun = "sample"
@@ -61,7 +68,10 @@ class RL(SFT):
             if unknown:
                 raise OpError("invalid", f"reward_heads: no head {unknown[0]!r} on this server " + (
                     f"(its heads: {names})" if names else "(no reward heads trained yet: POST /train with mode btrm)"))
-        return super().admit(service, op)
+        admission = super().admit(service, op)
+        if op.options.reward_heads is not None and op.adapter is None:
+            admission.warnings.append(TRUNK_UNDER_HEADS)
+        return admission
 
     def run(self, service: Services, job):
         # Jobs queued ahead of this one may have moved the weights on since it was admitted.

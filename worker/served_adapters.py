@@ -5,8 +5,9 @@ fp32 factors) in two places:
 
 - **live**, in the session directory (``/dev/shm``): the file vLLM loads the adapter from.
   While a job trains it, the adapter's factor parameters *are* views of this file's pages
-  (``map_factors``), so every optimizer step lands in it with no save; the API server then has
-  vLLM reload it (``ServedAdapter.version`` tells it when) through vLLM's own loading path.
+  (``map_factors``), so every optimizer step lands in it with no save; after each step the
+  trainer stamps it (``contracts/adapter_stamp.py``) and vLLM's model worker loads it again,
+  through vLLM's own loading path, before the next forward pass that uses it.
 - **durable**, in the state directory: a copy written atomically when a job ends, with the
   adapter's optimizer state and its record (``meta.json``, written last). A new trainer (a
   restart, a new server) copies it back to the live place: the trainer's copy is the source of
@@ -32,6 +33,7 @@ import torch
 from safetensors.torch import save
 
 from hogwild import envs
+from hogwild.contracts.adapter_stamp import write_stamp
 from hogwild.contracts.protocol import OpError
 from hogwild.contracts.served_adapter import AdapterSpec, ServedAdapter
 from hogwild.training.adapter_trainer import AdapterTrainer, adapter_targets, bind_factors, factors_of
@@ -80,6 +82,7 @@ class AdapterRun:
         """The job has taken ``steps_in_job`` optimizer steps (its factors are in the live file)."""
         self.record.steps, self.record.version = self.steps_before + steps_in_job, self.version_before + steps_in_job
         self.record.updated_at = time.time()
+        write_stamp(Path(self.record.path), self.record.version)  # vLLM's worker loads it again before its next use
 
 
 class ServedAdapters:
@@ -93,6 +96,7 @@ class ServedAdapters:
                 record = ServedAdapter.model_validate_json(meta_path.read_bytes())
                 for name in (CONFIG, FACTORS):
                     write_atomic(live / record.name / name, (meta_path.parent / name).read_bytes())
+                write_stamp(live / record.name, record.version)
             except (OSError, ValueError) as exc:
                 logger.error("served adapter %s could not be restored: %s", meta_path.parent.name, exc)
                 continue
@@ -169,6 +173,7 @@ class ServedAdapters:
         config.save_pretrained(str(directory))
         factors = {key: p.detach().float().contiguous() for key, p in factors_of(peft_model).items()}
         write_atomic(directory / FACTORS, save(factors))
+        write_stamp(directory, 0)
         now = time.time()
         record = ServedAdapter(name=spec.name, version=0, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout,
                                targets=spec.targets, path=str(directory), created_at=now, updated_at=now)

@@ -7,9 +7,9 @@ the trainer holds, through vLLM's own paths only:
 - an adapter vLLM does not know yet is registered as ``/v1/load_lora_adapter`` would
   (``OpenAIServingModels.load_lora_adapter``): from then on ``"model": "<name>"`` selects it on
   the completion routes and ``/v1/score``, and ``/v1/models`` lists it;
-- a newer version is loaded again from the same directory with ``EngineClient.add_lora`` and
-  ``load_inplace`` (the engine replaces the adapter in its CPU cache and its LoRA slot), then
-  the prefix cache is reset (its blocks were computed with the old factors);
+- a newer version is vLLM's model worker's to load: it does so itself before the next forward
+  pass that uses the adapter (``model_runner/adapter_refresh.py``, from the trainer's stamp);
+  here the prefix cache is reset (its blocks were computed with the old factors);
 - an adapter the trainer no longer holds is unregistered and removed from the engine.
 
 Each API server process keeps its own registration (vLLM's model list is per process).
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from hogwild.contracts.served_adapter import DEFAULT_RANK, AdapterSpec, ServedAdapter
 
-from ..model_runner.vllm_internals import adapter_registration, is_error_response, lora_request
+from ..model_runner.vllm_internals import adapter_registration, is_error_response
 from .http_errors import ApiError
 
 logger = logging.getLogger("vllm.hogwild")
@@ -85,12 +85,12 @@ class AdapterRegistry:
         if self.lora is None or self.models is None:
             return
         async with self.lock:
-            reloaded = False
+            changed = False
             for adapter in adapters:
                 if self.synced.get(adapter.name) == (trainer_id, adapter.version):
                     continue
                 try:
-                    reloaded |= await self._serve(adapter)
+                    changed |= await self._serve(adapter)
                 except Exception as exc:
                     logger.exception("hogwild: vLLM could not load adapter %s (version %d)", adapter.name, adapter.version)
                     self.failed[adapter.name] = f"{type(exc).__name__}: {exc}"
@@ -99,11 +99,12 @@ class AdapterRegistry:
                 self.failed.pop(adapter.name, None)
             for name in set(self.synced) - {a.name for a in adapters}:
                 await self._forget(name)
-            if reloaded:
+            if changed:
                 await self.reset_cache()
 
     async def _serve(self, adapter: ServedAdapter) -> bool:
-        """Register or reload one adapter; True when vLLM served an older version of it."""
+        """Register a new adapter; True when vLLM served an older version of it (which its model
+        worker replaces before the adapter's next use)."""
         known = self.models.lora_requests.get(adapter.name)
         if known is None:
             result = await self.models.load_lora_adapter(adapter_registration(adapter.name, adapter.path))
@@ -113,7 +114,6 @@ class AdapterRegistry:
             return False
         if not self.is_ours(known.lora_path):
             raise RuntimeError(f"the name is taken by an adapter vLLM loaded from {known.lora_path}")
-        await self.engine.add_lora(lora_request(adapter.name, known.lora_int_id, adapter.path, load_inplace=True))
         return True
 
     async def _forget(self, name: str) -> None:

@@ -20,6 +20,8 @@ first two and the last matter in the worker process, where the model is loaded):
    also taps every decoder layer for concept readouts (``readout_tap``).
 5. vLLM's CPU LoRA ops give requests without an adapter the last LoRA slot's delta;
    ``lora_rows`` makes them add nothing (served adapters: the base answers as alone).
+6. vLLM's LoRA worker manager loads a served adapter again when the trainer has stamped
+   a change to it since (``adapter_refresh``).
 
 Nothing happens unless ``VLLM_PLUGINS`` names ``hogwild``.
 """
@@ -33,7 +35,7 @@ from pathlib import Path
 from hogwild import envs
 
 from .. import session
-from . import live_weights, lora_rows, torchvision_free, vllm_internals
+from . import adapter_refresh, live_weights, lora_rows, torchvision_free, vllm_internals
 
 logger = logging.getLogger("vllm.hogwild")  # under "vllm": vLLM's log handlers print it
 
@@ -52,6 +54,7 @@ def register() -> None:
     live_weights.patch_cpu_dispatch(_publishing)
     live_weights.patch_cpu_moe(_publishing)
     lora_rows.install()
+    adapter_refresh.install()
     _patch_model_loader()
     if envs.readout_vectors() is not None:
         # The tap reads the V1 runner's batch; on GPU vLLM 0.32 defaults to V2.

@@ -159,12 +159,17 @@ def score_request(prompt: list[int]):
 # ---- multi-LoRA: adapters the trainer trains, served by name ----------------------
 
 
-def lora_request(name: str, lora_id: int, path: str, load_inplace: bool = False):
-    """vLLM's ``LoRARequest`` for an adapter directory; ``load_inplace`` makes the engine load it
-    again from ``path`` (how a trained adapter's new factors reach its LoRA slots)."""
-    from vllm.lora.request import LoRARequest
+def reloading(request):
+    """A copy of a ``LoRARequest`` with ``load_inplace``: the worker loads the adapter again."""
+    import msgspec
 
-    return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path, load_inplace=load_inplace)
+    return msgspec.structs.replace(request, load_inplace=True)
+
+
+def lru_worker_lora_manager():
+    """vLLM's ``LRUCacheWorkerLoRAManager`` (its ``add_adapter(lora_request)`` is called for every
+    adapter of every batch), or None without vLLM's LoRA."""
+    return _optional("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager")
 
 
 def adapter_registration(name: str, path: str | None = None):
@@ -387,12 +392,15 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.engine.protocol", "EngineClient", "class", "api_server (frontend, scoring)", attrs=("vllm_config",)),
     Internal("vllm.engine.protocol", "EngineClient.generate", "method", "api_server/scoring.py", positional=3,
              params=("priority", "lora_request")),
-    # multi-LoRA: trained adapters registered, reloaded and removed by name
-    Internal("vllm.engine.protocol", "EngineClient.add_lora", "method", "api_server/adapter_registry.py", positional=1),
+    # multi-LoRA: trained adapters registered and removed by name, loaded again by the worker when stamped anew
+    Internal("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager", "class", "adapter_refresh.py",
+             attrs=("add_adapter", "list_adapters")),
+    Internal("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.add_adapter", "method", "adapter_refresh.py",
+             params=("self", "lora_request"), exact=True, own=True, call=False),
     Internal("vllm.v1.engine.async_llm", "AsyncLLM.remove_lora", "method", "api_server/adapter_registry.py",
              positional=1),
-    Internal("vllm.lora.request", "LoRARequest", "class", "vllm_internals.py (lora_request), api_server/adapter_registry.py",
-             params=("lora_name", "lora_int_id", "lora_path", "load_inplace"), attrs=("lora_int_id", "lora_path")),
+    Internal("vllm.lora.request", "LoRARequest", "class", "vllm_internals.py (reloading), api_server/adapter_registry.py, "
+             "adapter_refresh.py", attrs=("lora_name", "lora_int_id", "lora_path", "load_inplace")),
     Internal("vllm.entrypoints.openai.models.serving", "OpenAIServingModels", "class", "api_server/adapter_registry.py",
              attrs=("lora_requests", "load_lora_adapter", "unload_lora_adapter")),
     Internal("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.load_lora_adapter", "method",

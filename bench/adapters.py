@@ -12,7 +12,7 @@ vLLM runs LoRA eagerly on CPU), each figure against a baseline measured in the s
 - update_seconds_to_served: from an adapter job's end to vLLM serving its new factors: the
   job's last step is in the adapter's live file when the job ends, and vLLM's model worker loads
   it again from there before the next forward pass that uses the adapter; this is that load, as
-  the worker measures it (``contracts/adapter_stamp.read_served``), checked to be the job's
+  the worker measures it (``contracts/live_adapter.read_served``), checked to be the job's
   version. ``first_request_extra_seconds``: the same cost seen from a client, the first scoring
   request after the job minus the second. Against ``save_and_load_seconds``: the same factors
   saved as a PEFT directory on disk and loaded through vLLM's ``/v1/load_lora_adapter``, as a
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from hogwild.contracts.adapter_stamp import read_served
+from hogwild.contracts.live_adapter import read_served
 from hogwild.launch import VllmServer
 
 from .common import CACHE, generation_throughput, machine, model_dir
@@ -119,7 +119,7 @@ def measure(server: VllmServer, path: Path, tok, quick: bool, out: dict, log) ->
     log("phase 4: update to served, vs save and /v1/load_lora_adapter")
     live = Path(http.get("/train/status").json()["served_adapters"][0]["path"]).parent / "bench-0"
     ids = ctx + target
-    runs, extra, answers, whole = [], [], [], []
+    runs, extra, answers, whole, in_place = [], [], [], [], []
     for _ in range(3):
         job, answered = train(sample, adapter="bench-0", lr=1e-3, steps=1, eval_tokens=0)
         version = next(a["version"] for a in http.get("/train/status").json()["served_adapters"] if a["name"] == "bench-0")
@@ -132,11 +132,13 @@ def measure(server: VllmServer, path: Path, tok, quick: bool, out: dict, log) ->
         if served is None or served[0][0] != version:
             raise RuntimeError(f"vLLM's worker serves {served}, not version {version} of the adapter")
         runs.append(served[1])
+        in_place.append(served[2])
         extra.append(latency[0] - latency[1])
         answers.append(answered - job["finished_at"])
         whole.append(answered - job["result"]["last_step_at"])
     out["update_seconds_to_served_runs"] = runs
     out["update_seconds_to_served"] = sorted(runs)[1]
+    out["updates_copied_in_place"] = sum(in_place)
     out["first_request_extra_seconds"] = sorted(extra)[1]
     out["job_end_to_answer_seconds"] = sorted(answers)[1]
     out["last_step_to_served_seconds"] = sorted(whole)[1]

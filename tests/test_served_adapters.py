@@ -13,7 +13,8 @@ from hogwild.contracts.served_adapter import AdapterSpec
 from hogwild.contracts.sft_config import SFTOptions
 from hogwild.training.batches import Sample
 from hogwild.worker.model_access import ModelAccess
-from hogwild.worker.served_adapters import FACTORS, ServedAdapters, map_factors
+from hogwild.contracts.live_adapter import map_factors
+from hogwild.worker.served_adapters import FACTORS, ServedAdapters
 
 SAMPLES = [Sample((5, 6, 7), (100, 100), 1.0, None)]
 

@@ -6,8 +6,8 @@ fp32 factors) in two places:
 - **live**, in the session directory (``/dev/shm``): the file vLLM loads the adapter from.
   While a job trains it, the adapter's factor parameters *are* views of this file's pages
   (``map_factors``), so every optimizer step lands in it with no save; after each step the
-  trainer stamps it (``contracts/adapter_stamp.py``) and vLLM's model worker loads it again,
-  through vLLM's own loading path, before the next forward pass that uses it.
+  trainer stamps it (``contracts/live_adapter.py``) and vLLM's model worker copies the new
+  factors into its loaded adapter before the next forward pass that uses it.
 - **durable**, in the state directory: a copy written atomically when a job ends, with the
   adapter's optimizer state and its record (``meta.json``, written last). A new trainer (a
   restart, a new server) copies it back to the live place: the trainer's copy is the source of
@@ -19,7 +19,6 @@ time is attached; the record list is read by status on another thread (``lock``)
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import threading
@@ -33,7 +32,7 @@ import torch
 from safetensors.torch import save
 
 from hogwild import envs
-from hogwild.contracts.adapter_stamp import write_stamp
+from hogwild.contracts.live_adapter import map_factors, write_stamp
 from hogwild.contracts.protocol import OpError
 from hogwild.contracts.served_adapter import AdapterSpec, ServedAdapter
 from hogwild.training.adapter_trainer import AdapterTrainer, adapter_targets, bind_factors, factors_of
@@ -46,26 +45,6 @@ logger = logging.getLogger("hogwild.trainer")
 
 CONFIG, FACTORS, META = "adapter_config.json", "adapter_model.safetensors", "meta.json"
 OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
-
-
-def map_factors(path: Path) -> dict[str, torch.Tensor]:
-    """Each tensor of a safetensors file of fp32 tensors as a view of the file's shared pages:
-    writing to one writes the file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    pages = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
-    base = 8 + header_len  # safetensors pads the header so that the data starts 8-byte aligned
-    views = {}
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        if entry["dtype"] != "F32":
-            raise ValueError(f"{path}: {key} is {entry['dtype']}; adapters are kept in F32")
-        start, end = entry["data_offsets"]
-        views[key] = pages[base + start : base + end].view(torch.float32).view(entry["shape"])
-    return views
 
 
 @dataclass

@@ -1,64 +1,154 @@
-"""vLLM's LoRA worker manager, made to load a trained adapter again when the trainer changed it.
+"""vLLM's LoRA worker manager, made to serve a trained adapter's new version as soon as a
+batch uses it.
 
 The trainer writes every optimizer step of an adapter into the adapter's live file and then
-stamps it (``contracts/adapter_stamp.py``). vLLM's engine asks its LoRA worker manager for the
+stamps it (``contracts/live_adapter.py``). vLLM's engine asks its LoRA worker manager for the
 adapters of every batch before the forward pass (``add_adapter``, once per adapter in the
 batch), and loads an adapter only when it is not in its CPU cache yet. Here that call first
 reads the adapter's stamp (one 16-byte read); when it differs from the stamp this worker
-loaded, the request is passed on with vLLM's ``load_inplace``, so vLLM loads the adapter again
-from the live file through its own path (into its CPU cache and, when active, its LoRA slot),
-between two forward passes: no call from the API server, no copy on disk. The load's time is
-written beside the stamp (``served``).
+loaded, the new factors are copied in place, between two forward passes: into the tensors of
+vLLM's CPU copy of the adapter (as vLLM's loading makes them: the model's LoRA dtype, B times
+the scaling) and, when the adapter holds a LoRA slot, into that slot through the layers' own
+``set_lora``. No call from the API server, no copy on disk, no object rebuilt. An adapter whose
+layout the copy does not know (a module that is neither a plain nor a packed linear, e.g. MoE
+experts; rsLoRA or per-module ranks) is loaded again through vLLM's own path instead
+(``load_inplace``). What was served and how long it took is written beside the stamp (``served``).
 
-If the load fails, the error is logged and the version already loaded stays served until the
-trainer's next change (tried again then): an engine must not die for an adapter. Adapters without a stamp (loaded
-with ``--lora-modules`` or ``/v1/load_lora_adapter``) are left to vLLM as they are.
+If an update fails, the error is logged and the version already loaded stays served until the
+trainer's next change (tried again then): an engine must not die for an adapter. Adapters
+without a stamp (``--lora-modules``, ``/v1/load_lora_adapter``) are left to vLLM as they are.
 Installed in every vLLM process when the plugin is enabled (``general.py``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
-from hogwild.contracts.adapter_stamp import read_stamp, write_served
+import torch
+
+from hogwild.contracts.live_adapter import map_factors, read_stamp, write_served
 
 from . import vllm_internals
 
 logger = logging.getLogger("vllm.hogwild")
+FACTORS = "adapter_model.safetensors"  # PEFT's file name
 _installed = False
+
+
+@dataclass
+class CopyPlan:
+    """For one loaded copy of an adapter (``model``, vLLM's ``LoRAModel``) and one live factors
+    file (``file``: its inode and size, mapped once): each ``(view of the file's tensor,
+    destination in the CPU copy, B's scaling or None)``, and the vLLM modules whose slot rows
+    follow them."""
+
+    model: object
+    file: tuple[int, int]
+    copies: list[tuple[torch.Tensor, torch.Tensor, float | None]]
+    modules: list[str]
+
+
+def copy_plan(manager, lora_model, directory: Path, file: tuple[int, int]) -> CopyPlan | None:
+    """How to copy the adapter's live factors into ``lora_model``, or None where its layout is
+    not a plain LoRA on plain or packed linear modules."""
+    config = json.loads((directory / "adapter_config.json").read_text())
+    if config.get("use_rslora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+        return None
+    scaling = config["lora_alpha"] / config["r"]
+    views = map_factors(directory / FACTORS)  # the live pages, mapped for as long as the plan lives
+    packed_in = {sub: (packed, i) for packed, subs in manager.packed_modules.items() for i, sub in enumerate(subs)}
+    copies, modules = [], set()
+    for key, (name, is_a) in vllm_internals.lora_module_names(manager.model, views).items():
+        weights, index = lora_model.loras.get(name), None
+        if weights is None and name in packed_in:
+            name, index = packed_in[name]
+            weights = lora_model.loras.get(name)
+        if weights is None or name not in manager.modules:
+            return None
+        side = weights.lora_a if is_a else weights.lora_b
+        target = side if index is None else (side[index] if isinstance(side, list) else None)
+        if not isinstance(target, torch.Tensor) or target.shape != views[key].shape:
+            return None
+        copies.append((views[key], target, None if is_a else scaling))
+        modules.add(name)
+    return CopyPlan(lora_model, file, copies, sorted(modules))
+
+
+def copy_in_place(manager, plan: CopyPlan, lora_id: int) -> None:
+    """The live factors into vLLM's CPU copy (the same operations as vLLM's loading: cast,
+    then B times the scaling), then into the adapter's slot rows if it holds a slot."""
+    for source, target, scaling in plan.copies:
+        target.copy_(source)
+        if scaling is not None:
+            target.mul_(scaling)
+    if lora_id in manager.lora_index_to_id:
+        index = manager.lora_index_to_id.index(lora_id)
+        for name in plan.modules:
+            weights = plan.model.loras[name]
+            manager.modules[name].set_lora(index, weights.lora_a, weights.lora_b)
+
+
+def update_in_place(worker_manager, plans: dict, lora_id: int, directory: Path) -> bool:
+    """Copy the adapter's live factors into what vLLM loaded of it; False where the layout asks
+    for vLLM's own loading instead."""
+    manager = vllm_internals.lora_model_manager(worker_manager)
+    lora_model = manager.get_adapter(lora_id)
+    stat = (directory / FACTORS).stat()
+    file = (stat.st_ino, stat.st_size)  # a restored or new adapter's file is another inode
+    plan = plans.get(lora_id)
+    if plan is None or plan.model is not lora_model or plan.file != file:
+        plan = plans[lora_id] = copy_plan(manager, lora_model, directory, file)
+    if plan is None:
+        return False
+    copy_in_place(manager, plan, lora_id)
+    return True
 
 
 def install() -> None:
     """Wrap the LRU worker manager's ``add_adapter`` (idempotent; nothing without vLLM's LoRA)."""
     global _installed
-    manager = vllm_internals.lru_worker_lora_manager()
-    if _installed or manager is None:
+    worker_manager = vllm_internals.lru_worker_lora_manager()
+    if _installed or worker_manager is None:
         return
     _installed = True
-    add_adapter = manager.__dict__["add_adapter"]
+    add_adapter = worker_manager.__dict__["add_adapter"]
 
     def add_adapter_as_stamped(self, lora_request) -> bool:
         stamp = read_stamp(lora_request.lora_path) if lora_request.lora_path else None
         if stamp is None:
             return add_adapter(self, lora_request)
         loaded = self.__dict__.setdefault("_hogwild_stamps", {})
+        plans = self.__dict__.setdefault("_hogwild_plans", {})
         lora_id = lora_request.lora_int_id
         cached = lora_id in self.list_adapters()
         if cached and loaded.get(lora_id) == stamp:
             return add_adapter(self, lora_request)
         started = time.perf_counter()
+        in_place = False
+        for gone in set(plans) - self.list_adapters():  # vLLM dropped it: unmap its file
+            del plans[gone]
+        if cached:
+            try:
+                in_place = update_in_place(self, plans, lora_id, Path(lora_request.lora_path))
+            except Exception:
+                plans.pop(lora_id, None)
+                logger.exception("hogwild: adapter %s could not be updated in place; vLLM loads it again",
+                                 lora_request.lora_name)
         try:
-            result = add_adapter(self, vllm_internals.reloading(lora_request) if cached else lora_request)
+            result = add_adapter(self, lora_request if in_place or not cached else vllm_internals.reloading(lora_request))
         except Exception:
             if not cached:
                 raise  # vLLM's own failure for an adapter it never loaded: its error, as without the plugin
-            logger.exception("hogwild: adapter %s could not be loaded again at version %d; the one loaded before "
-                             "stays served until the trainer's next change", lora_request.lora_name, stamp[0])
+            logger.exception("hogwild: vLLM could not load adapter %s at version %d; it is served as before until "
+                             "the trainer's next change", lora_request.lora_name, stamp[0])
             loaded[lora_id] = stamp  # tried once per change, not at every batch
             return add_adapter(self, lora_request)
-        loaded[lora_id] = stamp  # read before the load: a step that lands during it is loaded at the next batch
-        write_served(lora_request.lora_path, stamp, time.perf_counter() - started)
+        loaded[lora_id] = stamp  # read before the update: a step that lands during it is taken at the next batch
+        write_served(lora_request.lora_path, stamp, time.perf_counter() - started, in_place)
         return result
 
-    manager.add_adapter = add_adapter_as_stamped
+    worker_manager.add_adapter = add_adapter_as_stamped

@@ -161,15 +161,28 @@ def score_request(prompt: list[int]):
 
 def reloading(request):
     """A copy of a ``LoRARequest`` with ``load_inplace``: the worker loads the adapter again."""
-    import msgspec
+    from msgspec.structs import replace
 
-    return msgspec.structs.replace(request, load_inplace=True)
+    return replace(request, load_inplace=True)
 
 
 def lru_worker_lora_manager():
-    """vLLM's ``LRUCacheWorkerLoRAManager`` (its ``add_adapter(lora_request)`` is called for every
-    adapter of every batch), or None without vLLM's LoRA."""
+    """vLLM's ``LRUCacheWorkerLoRAManager`` (``add_adapter`` runs for each adapter of each batch), or None."""
     return _optional("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager")
+
+
+def lora_model_manager(worker_manager):
+    """The worker manager's ``LRUCacheLoRAModelManager`` (its members: ``INTERNALS``)."""
+    return worker_manager._adapter_manager
+
+
+def lora_module_names(model, keys) -> dict[str, tuple[str, bool]]:
+    """Each PEFT file key's (vLLM module name, whether it is A), as vLLM's loading parses them for ``model``."""
+    from vllm.lora.utils import parse_fine_tuned_lora_name
+
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    mapper = mapper.get_rename_mapper() if mapper is not None else None
+    return {key: parse_fine_tuned_lora_name(key, mapper) for key in keys}
 
 
 def adapter_registration(name: str, path: str | None = None):
@@ -393,10 +406,21 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.engine.protocol", "EngineClient.generate", "method", "api_server/scoring.py", positional=3,
              params=("priority", "lora_request")),
     # multi-LoRA: trained adapters registered and removed by name, loaded again by the worker when stamped anew
-    Internal("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager", "class", "adapter_refresh.py",
-             attrs=("add_adapter", "list_adapters")),
+    Internal("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager", "class", "adapter_refresh.py", attrs=("list_adapters",)),
     Internal("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.add_adapter", "method", "adapter_refresh.py",
              params=("self", "lora_request"), exact=True, own=True, call=False),
+    Internal("vllm.lora.worker_manager", "WorkerLoRAManager", "class", "adapter_refresh.py", attrs=("_adapter_manager",)),
+    Internal("vllm.lora.worker_manager", "WorkerLoRAManager._load_adapter", "method", "vllm_internals.py (lora_module_names)",
+             call=False, calls=("get_rename_mapper", "from_local_checkpoint")),
+    Internal("vllm.lora.model_manager", "LRUCacheLoRAModelManager", "class", "adapter_refresh.py",
+             attrs=("get_adapter", "packed_modules", "modules", "lora_index_to_id", "model")),
+    Internal("vllm.lora.model_manager", "LoRAModelManager._create_merged_loras_inplace", "method", "adapter_refresh.py",
+             call=False, calls=("pack", "optimize")),  # how vLLM packs and scales B: the copy does the same
+    Internal("vllm.lora.lora_model", "LoRAModel", "class", "adapter_refresh.py", attrs=("loras",)),
+    Internal("vllm.lora.lora_weights", "PackedLoRALayerWeights", "class", "adapter_refresh.py", attrs=("lora_a", "lora_b")),
+    Internal("vllm.lora.utils", "parse_fine_tuned_lora_name", "function", "vllm_internals.py (lora_module_names)", positional=2),
+    Internal("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA.set_lora", "method", "adapter_refresh.py",
+             params=("self", "index", "lora_a", "lora_b"), exact=True, call=False),
     Internal("vllm.v1.engine.async_llm", "AsyncLLM.remove_lora", "method", "api_server/adapter_registry.py",
              positional=1),
     Internal("vllm.lora.request", "LoRARequest", "class", "vllm_internals.py (reloading), api_server/adapter_registry.py, "

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from hogwild.contracts.adapter_stamp import read_served, read_stamp
+from hogwild.contracts.live_adapter import read_served, read_stamp
 
 from ..conftest import ADMIN_KEY, API_KEY, LIMITS, serving, start_served
 from ..waiting import wait_until
@@ -161,10 +161,11 @@ def test_the_next_request_after_a_job_sees_its_update(served):
     # What vLLM serves is what the trainer measured after its step (its loss is the mean NLL per token).
     assert after == pytest.approx(-job["result"]["loss_after"] * len(target), abs=1e-4)
     assert held(served)["next"]["steps"] == 2
-    # vLLM's worker loaded it again itself, from the trainer's stamp of the job's last step.
+    # vLLM's worker took it itself, from the trainer's stamp of the job's last step, copying the
+    # new factors into the adapter it had loaded.
     adapter = held(served)["next"]
-    stamp, load_seconds = read_served(adapter["path"])
-    assert stamp == read_stamp(adapter["path"]) and stamp[0] == adapter["version"] and load_seconds > 0
+    stamp, seconds, in_place = read_served(adapter["path"])
+    assert stamp == read_stamp(adapter["path"]) and stamp[0] == adapter["version"] and seconds > 0 and in_place
 
 
 def test_preference_and_rl_train_an_adapter_from_its_own_samples_and_leave_the_base(served):

@@ -1,9 +1,9 @@
 """The stamp a trainer puts on a served adapter's live directory after each change, and the
-report of what vLLM's worker loaded (``contracts/adapter_stamp.py``)."""
+report of what vLLM's worker loaded (``contracts/live_adapter.py``)."""
 
 from __future__ import annotations
 
-from hogwild.contracts.adapter_stamp import FILE_NAME, read_served, read_stamp, write_served, write_stamp
+from hogwild.contracts.live_adapter import FILE_NAME, read_served, read_stamp, write_served, write_stamp
 
 
 def test_a_stamp_reads_back_and_a_rewrite_of_the_same_version_differs(tmp_path):
@@ -20,6 +20,6 @@ def test_a_short_stamp_reads_as_none_and_the_served_report_reads_back(tmp_path):
     (tmp_path / FILE_NAME).write_bytes(b"\x01\x02")
     assert read_stamp(tmp_path) is None
     stamp = write_stamp(tmp_path, 7)
-    write_served(tmp_path, stamp, 0.0025)
-    served, seconds = read_served(tmp_path)
-    assert served == stamp and abs(seconds - 0.0025) < 1e-9
+    write_served(tmp_path, stamp, 0.0025, True)
+    served, seconds, in_place = read_served(tmp_path)
+    assert served == stamp and abs(seconds - 0.0025) < 1e-9 and in_place

@@ -10,9 +10,9 @@ vLLM runs LoRA eagerly on CPU), each figure against a baseline measured in the s
 - serving_tokens_per_s_ratio_with_8_adapters_vs_base: generated tokens/s of 16 concurrent greedy
   streams spread over 8 adapters / the same streams on the base, same server.
 - update_seconds_to_served: from an adapter job's end to vLLM serving its new factors: the
-  job's last step is in the adapter's live file when the job ends, and vLLM's model worker loads
-  it again from there before the next forward pass that uses the adapter; this is that load, as
-  the worker measures it (``contracts/live_adapter.read_served``), checked to be the job's
+  job's last step is in the adapter's live file when the job ends, and vLLM's model worker copies
+  it from there into its loaded adapter before the next forward pass that uses the adapter; this
+  is that update, as the worker measures it (``contracts/live_adapter.read_served``), checked to be the job's
   version. ``first_request_extra_seconds``: the same cost seen from a client, the first scoring
   request after the job minus the second. Against ``save_and_load_seconds``: the same factors
   saved as a PEFT directory on disk and loaded through vLLM's ``/v1/load_lora_adapter``, as a
@@ -124,7 +124,7 @@ def measure(server: VllmServer, path: Path, tok, quick: bool, out: dict, log) ->
         job, answered = train(sample, adapter="bench-0", lr=1e-3, steps=1, eval_tokens=0)
         version = next(a["version"] for a in http.get("/train/status").json()["served_adapters"] if a["name"] == "bench-0")
         latency = []
-        for _ in range(2):  # the first request finds the update and has it loaded; the second finds nothing to do
+        for _ in range(2):  # the first request finds the update and takes it; the second finds nothing to do
             started = time.perf_counter()
             score("bench-0", ids, len(ctx))
             latency.append(time.perf_counter() - started)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+CONFIG, FACTORS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 FILE_NAME, SERVED_FILE_NAME = "stamp", "served"
 _FORMAT, _SERVED_FORMAT = "<QQ", "<QQQQ"
 

@@ -9,12 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hogwild.contracts.protocol import OpError
+from hogwild.contracts.live_adapter import FACTORS, map_factors
 from hogwild.contracts.served_adapter import AdapterSpec
 from hogwild.contracts.sft_config import SFTOptions
 from hogwild.training.batches import Sample
 from hogwild.worker.model_access import ModelAccess
-from hogwild.contracts.live_adapter import map_factors
-from hogwild.worker.served_adapters import FACTORS, ServedAdapters
+from hogwild.worker.served_adapters import ServedAdapters
 
 SAMPLES = [Sample((5, 6, 7), (100, 100), 1.0, None)]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hogwild import envs
+from hogwild.contracts.live_adapter import CONFIG, FACTORS
 from hogwild.contracts.protocol import CheckpointReport, OpError
 from hogwild.contracts.trainer_ranks import SaveOptimizerCommand, WriteTensorsCommand
 
@@ -19,7 +20,6 @@ from . import faults
 from .checkpoint import CheckpointError, copy_model_dir, read_layout, sync, write_state_file
 from .rank_group import gather_errors
 from .rank_work import GatheredTensors, optimizer_files
-from .served_adapters import CONFIG, FACTORS
 
 ADAPTERS_DIRNAME = "adapters"  # <model dir>/adapters/<name>/: each served adapter as a PEFT directory
 ADAPTER_FILES = (CONFIG, FACTORS)

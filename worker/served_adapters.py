@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save
 
 from hogwild import envs
-from hogwild.contracts.live_adapter import map_factors, write_stamp
+from hogwild.contracts.live_adapter import CONFIG, FACTORS, map_factors, write_stamp
 from hogwild.contracts.protocol import OpError
 from hogwild.contracts.served_adapter import AdapterSpec, ServedAdapter
 from hogwild.training.adapter_trainer import AdapterTrainer, adapter_targets, bind_factors, factors_of
@@ -43,7 +43,7 @@ from .model_access import ModelAccess
 
 logger = logging.getLogger("hogwild.trainer")
 
-CONFIG, FACTORS, META = "adapter_config.json", "adapter_model.safetensors", "meta.json"
+META = "meta.json"
 OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
 
 

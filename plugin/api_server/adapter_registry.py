@@ -7,8 +7,8 @@ the trainer holds, through vLLM's own paths only:
 - an adapter vLLM does not know yet is registered as ``/v1/load_lora_adapter`` would
   (``OpenAIServingModels.load_lora_adapter``): from then on ``"model": "<name>"`` selects it on
   the completion routes and ``/v1/score``, and ``/v1/models`` lists it;
-- a newer version is vLLM's model worker's to load: it does so itself before the next forward
-  pass that uses the adapter (``model_runner/adapter_refresh.py``, from the trainer's stamp);
+- a newer version is vLLM's model worker's to take: it copies it in itself before the next
+  forward pass that uses the adapter (``model_runner/adapter_refresh.py``, from the trainer's stamp);
   here the prefix cache is reset (its blocks were computed with the old factors);
 - an adapter the trainer no longer holds is unregistered and removed from the engine.
 

@@ -30,12 +30,11 @@ from pathlib import Path
 
 import torch
 
-from hogwild.contracts.live_adapter import map_factors, read_stamp, write_served
+from hogwild.contracts.live_adapter import CONFIG, FACTORS, map_factors, read_stamp, write_served
 
 from . import vllm_internals
 
 logger = logging.getLogger("vllm.hogwild")
-FACTORS = "adapter_model.safetensors"  # PEFT's file name
 _installed = False
 
 
@@ -55,7 +54,7 @@ class CopyPlan:
 def copy_plan(manager, lora_model, directory: Path, file: tuple[int, int]) -> CopyPlan | None:
     """How to copy the adapter's live factors into ``lora_model``, or None where its layout is
     not a plain LoRA on plain or packed linear modules."""
-    config = json.loads((directory / "adapter_config.json").read_text())
+    config = json.loads((directory / CONFIG).read_text())
     if config.get("use_rslora") or config.get("rank_pattern") or config.get("alpha_pattern"):
         return None
     scaling = config["lora_alpha"] / config["r"]
@@ -124,12 +123,13 @@ def install() -> None:
         loaded = self.__dict__.setdefault("_hogwild_stamps", {})
         plans = self.__dict__.setdefault("_hogwild_plans", {})
         lora_id = lora_request.lora_int_id
-        cached = lora_id in self.list_adapters()
+        listed = self.list_adapters()
+        cached = lora_id in listed
         if cached and loaded.get(lora_id) == stamp:
             return add_adapter(self, lora_request)
         started = time.perf_counter()
         in_place = False
-        for gone in set(plans) - self.list_adapters():  # vLLM dropped it: unmap its file
+        for gone in set(plans) - listed:  # vLLM dropped it: unmap its file
             del plans[gone]
         if cached:
             try:

@@ -20,8 +20,8 @@ first two and the last matter in the worker process, where the model is loaded):
    also taps every decoder layer for concept readouts (``readout_tap``).
 5. vLLM's CPU LoRA ops give requests without an adapter the last LoRA slot's delta;
    ``lora_rows`` makes them add nothing (served adapters: the base answers as alone).
-6. vLLM's LoRA worker manager loads a served adapter again when the trainer has stamped
-   a change to it since (``adapter_refresh``).
+6. vLLM's LoRA worker manager takes a served adapter's new factors when the trainer has
+   stamped a change to it since (``adapter_refresh``).
 
 Nothing happens unless ``VLLM_PLUGINS`` names ``hogwild``.
 """

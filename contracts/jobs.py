@@ -9,6 +9,7 @@ to ``JOB_REQUESTS``, and one module to the trainer's registry (``hogwild.worker.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal, Union
@@ -26,6 +27,8 @@ TokenId = Annotated[int, Field(ge=0)]
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"  # on job requests (the IETF httpapi draft's header)
+IDEMPOTENCY_KEY_MAX = 256
 
 
 class JobInfo(BaseModel):
@@ -47,6 +50,9 @@ class JobInfo(BaseModel):
     error: str | None = None
     weights_version: int | None = None  # the weights' version when the job ended
     adapter: str | None = None  # the adapter the job trains (None: the full weights)
+    # The submission's Idempotency-Key header; a request sent again with it is answered with this job.
+    idempotency_key: str | None = None
+    request_sha256: str | None = None  # of the request (key aside): the same key with another request is refused
 
     @property
     def done(self) -> bool:
@@ -59,6 +65,12 @@ class JobRequestBase(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     Result: ClassVar = JobInfo
+    # From the HTTP Idempotency-Key header: the trainer admits one job per key (kept while the job is).
+    idempotency_key: str | None = Field(None, min_length=1, max_length=IDEMPOTENCY_KEY_MAX)
+
+    def request_sha256(self) -> str:
+        """What identifies the request itself: a resubmission under the same key must match it."""
+        return hashlib.sha256(self.model_dump_json(exclude={"idempotency_key"}).encode()).hexdigest()
 
     def sample_count(self) -> int:
         return 0

@@ -15,11 +15,14 @@ helper that turns texts into the token ids the server takes.
 
 from __future__ import annotations
 
+import time
+import uuid
 from dataclasses import dataclass
 
 import httpx
 
 from hogwild.contracts.btrm_config import BTRMConfig
+from hogwild.contracts.jobs import IDEMPOTENCY_KEY_HEADER
 from hogwild.contracts.weights_version import HEADER as WEIGHTS_VERSION_HEADER
 
 
@@ -65,7 +68,16 @@ class SampledCompletion:
     finish_reason: str | None = None
 
 
+# A request whose connection dropped before any answer (a kept-alive connection the server
+# closed as it was reused, a restart) is sent again this many times in all, a second apart.
+ATTEMPTS = 3
+RETRIED = (httpx.NetworkError, httpx.RemoteProtocolError)
+
+
 class HogwildClient:
+    """Every request is sent again when its connection drops before an answer: job requests
+    carry an ``Idempotency-Key`` (one per call), so the server queues such a job once."""
+
     def __init__(self, base_url: str, api_key: str | None = None, admin_key: str | None = None, timeout: float = 600):
         headers = {}
         if api_key:
@@ -75,8 +87,18 @@ class HogwildClient:
         self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
         self._model: str | None = None  # the served model's name, asked once
 
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        for attempt in range(ATTEMPTS):
+            try:
+                return self.http.request(method, path, **kwargs)
+            except RETRIED:
+                if attempt == ATTEMPTS - 1:
+                    raise
+                time.sleep(1.0)
+
     def _post(self, path: str, body: dict) -> dict:
-        r = self.http.post(path, json=body)
+        headers = {IDEMPOTENCY_KEY_HEADER: uuid.uuid4().hex} if path.endswith("/train") else None
+        r = self._send("POST", path, json=body, headers=headers)
         if r.status_code >= 400:
             raise RuntimeError(f"{path}: {r.status_code} {r.text}")
         return r.json()
@@ -104,13 +126,13 @@ class HogwildClient:
 
     def adapters(self) -> list[str]:
         """The served adapters' names (``/v1/models`` after the base)."""
-        r = self.http.get("/v1/models")
+        r = self._send("GET", "/v1/models")
         r.raise_for_status()
         return [m["id"] for m in r.json()["data"][1:]]
 
     def delete_adapter(self, name: str) -> dict:
         """Forget a served adapter (its job's final state)."""
-        r = self.http.delete(f"/v1/adapters/{name}")
+        r = self._send("DELETE", f"/v1/adapters/{name}")
         if r.status_code >= 400:
             raise RuntimeError(f"/v1/adapters/{name}: {r.status_code} {r.text}")
         return r.json()
@@ -118,7 +140,7 @@ class HogwildClient:
     def model_name(self) -> str:
         """The served model's name (the first of ``/v1/models``)."""
         if self._model is None:
-            r = self.http.get("/v1/models")
+            r = self._send("GET", "/v1/models")
             r.raise_for_status()
             self._model = r.json()["data"][0]["id"]
         return self._model
@@ -132,7 +154,7 @@ class HogwildClient:
                 "temperature": temperature, "logprobs": 0, "return_token_ids": True, **sampling}
         if seed is not None:
             body["seed"] = seed
-        r = self.http.post("/v1/completions", json=body)
+        r = self._send("POST", "/v1/completions", json=body)
         if r.status_code >= 400:
             raise RuntimeError(f"/v1/completions: {r.status_code} {r.text}")
         version = r.headers.get(WEIGHTS_VERSION_HEADER)
@@ -158,7 +180,7 @@ class HogwildClient:
         return rl_loop(self, prompts, reward, group_size, iterations, **options)
 
     def status(self) -> dict:
-        return self.http.get("/v1/train/status").json()
+        return self._send("GET", "/v1/train/status").json()
 
     def checkpoint(self, target: str | None = None) -> dict:
         return self._post("/v1/checkpoint", {"target": target} if target else {})

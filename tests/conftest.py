@@ -85,6 +85,24 @@ class Served:
         return asyncio.run(go())
 
 
+SERVER_LOG_TAIL = 40  # lines of each server's log shown under a failed test
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report ends with the last lines of the log of each server it used:
+    what the server saw is gone with the run's temporary files otherwise."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    for name, value in getattr(item, "funcargs", {}).items():
+        server = value.server if isinstance(value, Served) else value if isinstance(value, VllmServer) else None
+        if server is not None and server.log_path is not None and server.log_path.exists():
+            lines = server.log_path.read_text(errors="replace").splitlines()[-SERVER_LOG_TAIL:]
+            report.sections.append((f"server log of {name} (last {len(lines)} lines)", "\n".join(lines)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _remove_session_dirs():
     """Every test server's session directory (its weight arena in /dev/shm) goes with the run."""

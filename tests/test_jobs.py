@@ -20,7 +20,7 @@ from hogwild.plugin.api_server.paths import PathPolicy
 from hogwild.plugin.api_server.schemas import BTRMTrainRequest, ReadoutTrainRequest, TrainRequest
 from hogwild.plugin.api_server.trainer_client import TrainerUnavailable
 from hogwild.worker.jobs import JobBook
-from hogwild.worker.journal import UNREADABLE, JobJournal
+from hogwild.worker.journal import KEEP_FINISHED, UNREADABLE, JobJournal
 
 SAMPLE = {"context_ids": [1, 2], "continuation_ids": [3]}
 
@@ -90,6 +90,32 @@ def test_a_failed_journal_write_at_the_end_still_ends_the_job_in_memory(tmp_path
 
 
 # ---- recovery from the journal --------------------------------------------
+
+
+def test_a_request_sent_again_under_its_key_is_the_job_it_already_is(tmp_path):
+    jobs = book(tmp_path, max_queued=1)
+    keyed = sft(lr=1e-3).model_copy(update={"idempotency_key": "k-1"})
+    assert jobs.admitted(keyed) is None and jobs.admitted(sft(lr=1e-3)) is None  # no key: always a new job
+    first = jobs.add(keyed, 1, [])
+    assert jobs.admitted(sft(lr=1e-3).model_copy(update={"idempotency_key": "k-1"})).job_id == first.job_id
+    with pytest.raises(OpError) as refused:  # the key names a job: another request may not reuse it
+        jobs.admitted(sft(lr=2e-3).model_copy(update={"idempotency_key": "k-1"}))
+    assert refused.value.code == "invalid" and first.job_id in str(refused.value)
+    assert len(jobs.pending) == 1
+    job = jobs.next(lambda: False)
+    jobs.started(job)
+    job.info.state = "succeeded"
+    jobs.end(job)
+    # A trainer started later knows the key from the journal, as long as it keeps the job.
+    again = book(tmp_path)
+    again.recover("restarted")
+    assert again.admitted(keyed).job_id == first.job_id and again.admitted(keyed).state == "succeeded"
+    for _ in range(KEEP_FINISHED):
+        job = again.get(again.add(sft(), 1, []).job_id)
+        again.next(lambda: False)
+        job.info.state = "succeeded"
+        again.end(job)
+    assert again.admitted(keyed) is None and again.by_key == {}
 
 
 def test_recovery_requeues_queued_jobs_fails_the_running_one_and_keeps_finished_ones(tmp_path):

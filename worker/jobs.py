@@ -38,6 +38,7 @@ class JobBook:
         self.pending: deque[Job] = deque()
         self.finished: list[str] = []  # oldest first
         self.running: Job | None = None
+        self.by_key: dict[str, str] = {}  # idempotency key -> the job admitted under it
         self.cv = threading.Condition()
         # Totals of this trainer process, for metrics: accepted jobs by mode, ended ones by "mode/state".
         self.submitted: dict[str, int] = {}
@@ -58,6 +59,8 @@ class JobBook:
         for info, request in records:
             job = Job(request, info)
             self.jobs[info.job_id] = job
+            if info.idempotency_key is not None:
+                self.by_key[info.idempotency_key] = info.job_id
             if info.done:
                 self.finished.append(info.job_id)
             elif info.state == "queued" and request is not None:
@@ -75,8 +78,22 @@ class JobBook:
                 self.journal.drop_request(info.job_id)
                 self.finished.append(info.job_id)
                 self.ended[f"{info.mode}/failed"] = self.ended.get(f"{info.mode}/failed", 0) + 1
+                logger.warning("job %s was running when the previous trainer died: reported failed", info.job_id)
                 failed.append(info)
         return failed
+
+    def admitted(self, op: JobRequest) -> JobInfo | None:
+        """The job already admitted under the request's idempotency key (None: none is, or it
+        carries no key). The key sent with another request is refused: it names another job."""
+        with self.cv:
+            job_id = self.by_key.get(op.idempotency_key) if op.idempotency_key is not None else None
+            if job_id is None:
+                return None
+            info = self.jobs[job_id].info
+            if info.request_sha256 != op.request_sha256():
+                raise OpError("invalid", f"Idempotency-Key {op.idempotency_key!r} was sent with another request, for "
+                              f"job {job_id}: use a new key for a new request")
+            return info
 
     def add(self, op: JobRequest, n_samples: int, skipped_ids: list[str], warnings: list[str] | None = None) -> JobInfo:
         with self.cv:
@@ -84,12 +101,15 @@ class JobBook:
                 raise OpError("busy", f"{len(self.pending)} jobs are queued, the limit is {self.max_queued}; retry later")
             info = JobInfo(job_id=f"job-{secrets.token_hex(6)}", trainer_id=self.trainer_id, mode=op.mode, state="queued",
                            n_samples=n_samples, skipped_ids=skipped_ids, warnings=warnings or [], submitted_at=time.time(),
-                           adapter=op.adapter_name())
+                           adapter=op.adapter_name(), idempotency_key=op.idempotency_key,
+                           request_sha256=op.request_sha256() if op.idempotency_key is not None else None)
             job = Job(op, info)
             self.journal.save_request(info.job_id, op)  # durable before the caller hears "queued"
             self.journal.save(info)
             self.submitted[op.mode] = self.submitted.get(op.mode, 0) + 1
             self.jobs[info.job_id] = job
+            if op.idempotency_key is not None:
+                self.by_key[op.idempotency_key] = info.job_id
             self.pending.append(job)
             self.cv.notify()
             return info
@@ -169,7 +189,9 @@ class JobBook:
             old, self.finished = self.finished[:-KEEP_FINISHED], self.finished[-KEEP_FINISHED:]
             self.journal.forget(old)
             for job_id in old:
-                del self.jobs[job_id]
+                key = self.jobs.pop(job_id).info.idempotency_key
+                if key is not None and self.by_key.get(key) == job_id:
+                    del self.by_key[key]
 
     def mirror(self, info: JobInfo) -> Job:
         """A replica group's job that the leader admitted and journaled, running on this replica

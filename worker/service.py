@@ -88,8 +88,7 @@ class TrainerService:
         self.ledger: Ledger | None = None  # opened once the model directory is known
         self.trainer_id = secrets.token_hex(6)
         self.jobs = JobBook(JobJournal(state_dir / "jobs"), self.trainer_id, envs.max_queued_jobs())
-        for info in self.jobs.recover(restart_reason or "the training process stopped"):
-            logger.warning("job %s was running when the previous trainer died: reported failed", info.job_id)
+        self.jobs.recover(restart_reason or "the training process stopped")
         self.memory_limit = envs.trainer_memory_limit()
         self.version = WeightsVersionWriter(state_dir)  # shared with the API server: completions carry it
         self.optimizer_state_bytes = 0
@@ -278,6 +277,8 @@ class TrainerService:
         """Admit a job request (its kind's checks, then the shared ones) and queue it."""
         kind = kind_of(op)
         self._require_ready()
+        if (known := self.jobs.admitted(op)) is not None:  # sent again (a retry): the job it already is
+            return known
         if self.group is not None and not kind.tensor_parallel:
             raise OpError("unsupported", f"{op.mode} training with tensor parallel size {self.group.size} is not supported "
                           "yet (sft and preference are): serve with tensor parallel size 1 for it")

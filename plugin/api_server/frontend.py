@@ -232,9 +232,10 @@ class Frontend:
 
     # ---- routes' work -----------------------------------------------------
 
-    async def submit(self, body, wait: bool) -> JobInfo:
-        """Any job: its request built from the body, validated once, queued; with ``wait``, its end."""
-        op = job_request(body, self.paths)
+    async def submit(self, body, wait: bool, idempotency_key: str | None = None) -> JobInfo:
+        """Any job: its request built from the body, validated once, queued (once per
+        ``idempotency_key``: the trainer answers a key it knows with its job); with ``wait``, its end."""
+        op = job_request(body, self.paths).model_copy(update={"idempotency_key": idempotency_key})
         validate_job(op, self.limits, self.vocab_size, self.max_model_len)
         if getattr(op, "adapter", None) is not None:
             if not self.adapters.knows(op.adapter.name) and self.client is not None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Header, Path, Request
 from fastapi.responses import JSONResponse
 
+from hogwild.contracts.jobs import IDEMPOTENCY_KEY_HEADER, IDEMPOTENCY_KEY_MAX
 from hogwild.contracts.protocol import CheckpointReport, JobInfo
 from hogwild.contracts.served_adapter import ADAPTER_NAME
 
@@ -23,6 +24,9 @@ from .schemas import (
 )
 
 router = APIRouter(route_class=PluginRoute)
+# A job request sent again with the key it was first sent with is answered with that job, never
+# queued twice: a client may retry a /train whose answer it lost.
+IdempotencyKey = Annotated[str | None, Header(alias=IDEMPOTENCY_KEY_HEADER, min_length=1, max_length=IDEMPOTENCY_KEY_MAX)]
 
 
 def frontend(request: Request) -> Frontend:
@@ -51,13 +55,13 @@ def both(path: str) -> list[str]:
 PATH_PREFIXES = tuple(p for base in ("/train", "/score", "/checkpoint", "/readout", "/adapters") for p in both(base))
 
 
-async def train(body: TrainBody, request: Request, fe: Frontend = Depends(frontend)) -> JobInfo:
+async def train(body: TrainBody, request: Request, key: IdempotencyKey = None, fe: Frontend = Depends(frontend)) -> JobInfo:
     """Queue a supervised full-weight update (default mode ``sft``; with ``adapter``, of that
     adapter on the frozen base), a reward-head training (mode ``btrm``) or a circuit-breaker
     LoRA merged into the served weights (mode ``circuit_breaker``); ``wait: true`` answers
     when it is done. The admin key, or an adapter key for its own adapters."""
     fe.access.require_adapter(request, getattr(body, "adapter", None))
-    return await fe.submit(body, body.wait)
+    return await fe.submit(body, body.wait, key)
 
 
 async def delete_adapter(name: Annotated[str, Path(pattern=ADAPTER_NAME)], request: Request, fe: Frontend = Depends(frontend)) -> JobInfo:
@@ -67,11 +71,11 @@ async def delete_adapter(name: Annotated[str, Path(pattern=ADAPTER_NAME)], reque
     return await fe.delete_adapter(name)
 
 
-async def revert(body: RevertRequest | None = None, fe: Frontend = Depends(admin)) -> JobInfo:
+async def revert(body: RevertRequest | None = None, key: IdempotencyKey = None, fe: Frontend = Depends(admin)) -> JobInfo:
     """Subtract a merged circuit-breaker adapter from the served weights, bit for
     bit when nothing was trained after it (latest first; ``job_id`` names one)."""
     body = body or RevertRequest()
-    return await fe.submit(body, body.wait)
+    return await fe.submit(body, body.wait, key)
 
 
 async def train_status(fe: Frontend = Depends(reader)) -> JSONResponse:
@@ -129,11 +133,11 @@ async def readout_load(body: ReadoutLoadRequest, fe: Frontend = Depends(admin)) 
     return state.load(fe.paths.confine(body.vectors, "vectors"), manifest)
 
 
-async def readout_train(body: ReadoutTrainRequest, fe: Frontend = Depends(admin)) -> JobInfo:
+async def readout_train(body: ReadoutTrainRequest, key: IdempotencyKey = None, fe: Frontend = Depends(admin)) -> JobInfo:
     """Train concept vectors on the live weights in the training process (inference
     goes on), write them to ``out`` and, while readout is on, read out with them
     from then on; ``wait: true`` answers when it is done."""
-    return await fe.submit(body, body.wait)
+    return await fe.submit(body, body.wait, key)
 
 
 for path in both("/readout/train"):

@@ -7,15 +7,19 @@ import signal
 import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hogwild.client import HogwildClient
 from hogwild.contracts.manifest import read_manifest
 from hogwild.contracts.protocol import TokenLogprobsOp
 from hogwild.worker.views import map_tensors, served_views
 
+from ..conftest import ADMIN_KEY, API_KEY
 from ..waiting import wait_job, wait_new_trainer
 
 pytestmark = pytest.mark.server
@@ -178,4 +182,79 @@ def test_a_sample_id_is_trained_once_and_the_ledger_survives_a_trainer_restart(s
     assert status["state"] == "ready", status
     assert status["server"]["trainer_restarts"] >= 1
     assert train(served, [sample], lr=1e-4, steps=2)["skipped_ids"] == [sample["id"]]
+    assert served.arena_digest() == digest
+
+
+class AnswerLosingProxy(ThreadingHTTPServer):
+    """Forwards every request to ``upstream``; the answer to the first POST to a ``/train``
+    path is lost: the server got the request and answered, and the client sees its connection
+    close without an answer (a dropped connection, a balancer's restart)."""
+
+    def __init__(self, upstream: str):
+        self.upstream = httpx.Client(base_url=upstream, timeout=300)
+        self.train_posts = 0
+        super().__init__(("127.0.0.1", 0), ForwardingHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class ForwardingHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    HOP_BY_HOP = ("host", "content-length", "connection", "transfer-encoding", "content-encoding")
+
+    def forward(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in self.HOP_BY_HOP}
+        r = self.server.upstream.request(self.command, self.path, content=body, headers=headers)
+        if self.command == "POST" and self.path.endswith("/train"):
+            self.server.train_posts += 1
+            if self.server.train_posts == 1:
+                self.close_connection = True  # closed without a byte of the answer
+                return
+        self.send_response(r.status_code)
+        for k, v in r.headers.items():
+            if k.lower() not in self.HOP_BY_HOP:
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(r.content)))
+        self.end_headers()
+        self.wfile.write(r.content)
+
+    do_GET = do_POST = do_DELETE = forward
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_train_request_whose_answer_was_lost_is_sent_again_and_trained_once(served, tok):
+    proxy = AnswerLosingProxy(served.server.url)
+    try:
+        client = HogwildClient(proxy.url, api_key=API_KEY, admin_key=ADMIN_KEY)
+        sample = {"context_ids": tok.encode("Sent twice,"), "continuation_ids": tok.encode(" trained once.")}
+        before = served.http.get("/train/status").json()["weights_version"]
+        job = client.train([sample], lr=1e-4, steps=2, wait=True)
+        assert proxy.train_posts == 2, "the client did not send the request again"
+        assert job["state"] == "succeeded" and job["idempotency_key"], job
+        assert served.http.get("/train/status").json()["weights_version"] == before + 2  # two steps: one job, not two
+        recent = served.http.get("/train/status").json()["recent"]
+        assert [j["job_id"] for j in recent if j["idempotency_key"] == job["idempotency_key"]] == [job["job_id"]]
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+def test_the_same_idempotency_key_with_another_request_is_refused(served, tok):
+    sample = {"context_ids": tok.encode("One key,"), "continuation_ids": tok.encode(" one request.")}
+    key = {"Idempotency-Key": f"k-{uuid.uuid4().hex}"}
+    first = served.http.post("/v1/train", json={"samples": [sample], "lr": 1e-4, "wait": True}, headers=key)
+    assert first.status_code == 200 and first.json()["state"] == "succeeded", first.text
+    digest = served.arena_digest()
+    again = served.http.post("/train", json={"samples": [sample], "lr": 1e-4, "wait": True}, headers=key)
+    assert again.status_code == 200 and again.json()["job_id"] == first.json()["job_id"], again.text
+    other = served.http.post("/train", json={"samples": [sample], "lr": 2e-4, "wait": True}, headers=key)
+    assert other.status_code == 422 and "Idempotency-Key" in other.json()["error"]["message"], other.text
+    too_long = served.http.post("/train", json={"samples": [sample], "lr": 1e-4}, headers={"Idempotency-Key": "k" * 300})
+    assert too_long.status_code == 422 and "Idempotency-Key" in too_long.json()["error"]["message"], too_long.text
     assert served.arena_digest() == digest

@@ -8,8 +8,9 @@ batch), and loads an adapter only when it is not in its CPU cache yet. Here that
 reads the adapter's stamp (one 16-byte read); when it differs from the stamp this worker
 loaded, the new factors are copied in place, between two forward passes: into the tensors of
 vLLM's CPU copy of the adapter (as vLLM's loading makes them: the model's LoRA dtype, B times
-the scaling) and, when the adapter holds a LoRA slot, into that slot through the layers' own
-``set_lora``. No call from the API server, no copy on disk, no object rebuilt. An adapter whose
+the scaling) and, when the adapter holds a LoRA slot, into that slot: through the layers' own
+``set_lora`` the first time, then straight into the rows ``set_lora`` was seen to fill (one
+batched copy; a layer that lays them out otherwise keeps ``set_lora``). No call from the API server, no copy on disk, no object rebuilt. An adapter whose
 layout the copy does not know (a module that is neither a plain nor a packed linear, e.g. MoE
 experts; rsLoRA or per-module ranks) is loaded again through vLLM's own path instead
 (``load_inplace``). What was served and how long it took is written beside the stamp (``served``).
@@ -25,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,14 +42,21 @@ _installed = False
 @dataclass
 class CopyPlan:
     """For one loaded copy of an adapter (``model``, vLLM's ``LoRAModel``) and one live factors
-    file (``file``: its inode and size, mapped once): each ``(view of the file's tensor,
-    destination in the CPU copy, B's scaling or None)``, and the vLLM modules whose slot rows
-    follow them."""
+    file (``file``: its inode and size, mapped once): the file's tensors (``sources``, views of
+    its pages) and where each lands in the CPU copy (``targets``; ``scaled``: the B ones, times
+    ``scaling``), each target's place in the layers' slots (vLLM module, slice, A or B), the
+    modules, and for each LoRA slot the adapter was written into: the slot rows of each target,
+    once vLLM's own ``set_lora`` was seen to put them there (False: it does not; use it)."""
 
     model: object
     file: tuple[int, int]
-    copies: list[tuple[torch.Tensor, torch.Tensor, float | None]]
+    sources: list[torch.Tensor]
+    targets: list[torch.Tensor]
+    scaled: list[torch.Tensor]
+    scaling: float
+    places: list[tuple[str, int, bool]]
     modules: list[str]
+    slots: dict[int, list[torch.Tensor] | bool] = field(default_factory=dict)
 
 
 def copy_plan(manager, lora_model, directory: Path, file: tuple[int, int]) -> CopyPlan | None:
@@ -57,10 +65,9 @@ def copy_plan(manager, lora_model, directory: Path, file: tuple[int, int]) -> Co
     config = json.loads((directory / CONFIG).read_text())
     if config.get("use_rslora") or config.get("rank_pattern") or config.get("alpha_pattern"):
         return None
-    scaling = config["lora_alpha"] / config["r"]
     views = map_factors(directory / FACTORS)  # the live pages, mapped for as long as the plan lives
     packed_in = {sub: (packed, i) for packed, subs in manager.packed_modules.items() for i, sub in enumerate(subs)}
-    copies, modules = [], set()
+    plan = CopyPlan(lora_model, file, [], [], [], config["lora_alpha"] / config["r"], [], [])
     for key, (name, is_a) in vllm_internals.lora_module_names(manager.model, views).items():
         weights, index = lora_model.loras.get(name), None
         if weights is None and name in packed_in:
@@ -72,23 +79,53 @@ def copy_plan(manager, lora_model, directory: Path, file: tuple[int, int]) -> Co
         target = side if index is None else (side[index] if isinstance(side, list) else None)
         if not isinstance(target, torch.Tensor) or target.shape != views[key].shape:
             return None
-        copies.append((views[key], target, None if is_a else scaling))
-        modules.add(name)
-    return CopyPlan(lora_model, file, copies, sorted(modules))
+        plan.sources.append(views[key])
+        plan.targets.append(target)
+        if not is_a:
+            plan.scaled.append(target)
+        plan.places.append((name, index or 0, is_a))
+    plan.modules = sorted({name for name, _, _ in plan.places})
+    return plan
+
+
+def slot_rows(manager, plan: CopyPlan, index: int) -> list[torch.Tensor] | bool:
+    """Each target's rows in LoRA slot ``index``, where vLLM's ``set_lora`` has just put it
+    (``lora_a_stacked[slice][index, 0, :rows, :cols]``, B likewise); False if any target is
+    not found there (a layer that slices, splits or pads otherwise). Decided on B factors that
+    are not all zero, so no empty factor matches by chance (True: not decided yet)."""
+    if not all(bool(t.any()) for t in plan.scaled):
+        return True
+    rows = []
+    for target, (name, piece, is_a) in zip(plan.targets, plan.places):
+        try:
+            stacked = getattr(manager.modules[name], "lora_a_stacked" if is_a else "lora_b_stacked")[piece]
+            row = stacked[index, 0, : target.shape[0], : target.shape[1]]
+        except (AttributeError, IndexError, TypeError):
+            return False
+        if row.shape != target.shape or not torch.equal(row, target):
+            return False
+        rows.append(row)
+    return rows
 
 
 def copy_in_place(manager, plan: CopyPlan, lora_id: int) -> None:
     """The live factors into vLLM's CPU copy (the same operations as vLLM's loading: cast,
-    then B times the scaling), then into the adapter's slot rows if it holds a slot."""
-    for source, target, scaling in plan.copies:
-        target.copy_(source)
-        if scaling is not None:
-            target.mul_(scaling)
-    if lora_id in manager.lora_index_to_id:
-        index = manager.lora_index_to_id.index(lora_id)
-        for name in plan.modules:
-            weights = plan.model.loras[name]
-            manager.modules[name].set_lora(index, weights.lora_a, weights.lora_b)
+    then B times the scaling), then into the adapter's slot rows if it holds a slot: copied
+    straight into them where vLLM's ``set_lora`` was seen to put them, else by ``set_lora``."""
+    torch._foreach_copy_(plan.targets, plan.sources)
+    torch._foreach_mul_(plan.scaled, plan.scaling)
+    if lora_id not in manager.lora_index_to_id:
+        return
+    index = manager.lora_index_to_id.index(lora_id)
+    rows = plan.slots.get(index, True)
+    if isinstance(rows, list):
+        torch._foreach_copy_(rows, plan.targets)  # the rows past the rank stay the zeros set_lora left
+        return
+    for name in plan.modules:
+        weights = plan.model.loras[name]
+        manager.modules[name].set_lora(index, weights.lora_a, weights.lora_b)
+    if rows is True:
+        plan.slots[index] = slot_rows(manager, plan, index)
 
 
 def update_in_place(worker_manager, plans: dict, lora_id: int, directory: Path) -> bool:

@@ -1,18 +1,16 @@
 """Every vLLM internal the plugin relies on, in one place.
 
-``INTERNALS`` lists each vLLM name the plugin uses and how it uses it (the parameters it
-passes, the attributes it reads, what it replaces); ``packaging/inspect_vllm.py`` (``make
-inspect-vllm``) checks that list against the source of each vLLM release, read from the
-released wheels, and writes ``packaging/vllm-inspection.md``. The accessors below are the
-only places the plugin's code reaches them: where the CPU backend lays weights out anew (the
-linear dispatch, the MoE experts, Gated DeltaNet's conv kernels), the model loader's hooks,
-the model runners' ``load_model``, the V1 runner's batch (which request owns which rows at
-which positions) and each request's sampling arguments, vLLM's custom-op registration, the
-weight-transfer dry run that maps checkpoint tensors onto vLLM's parameters (its fake tensor
-and sink, the layerwise-reload meta copies, the engine's recording stamps, which vLLM keeps
-private), the current config, and the request the API server builds for ``/v1/score``.
-vLLM's config objects (``VllmConfig`` and its parts), ``EngineClient`` and the endpoint-plugin
-interface are read where they are used and listed here too.
+``INTERNALS`` lists each vLLM name the plugin uses and how it uses it (the parameters it passes, the
+attributes it reads, what it replaces); ``packaging/inspect_vllm.py`` (``make inspect-vllm``) checks
+that list against the source of each vLLM release, read from the released wheels, and writes
+``packaging/vllm-inspection.md``. The accessors below are the only places the plugin's code reaches
+them: where the CPU backend lays weights out anew (the linear dispatch, the MoE experts, Gated
+DeltaNet's conv kernels), the model loader's hooks, the model runners' ``load_model``, the V1
+runner's batch (which request owns which rows) and each request's sampling arguments, vLLM's custom-
+op registration, the weight-transfer dry run that maps checkpoint tensors onto vLLM's parameters
+(its fake tensor and sink, the layerwise-reload meta copies, the engine's recording stamps), the
+current config, the request the API server builds for ``/v1/score``. vLLM's config objects,
+``EngineClient`` and the endpoint-plugin interface are read where they are used and listed too.
 
 ``check_version`` says at start-up when the installed vLLM is not one of ``SUPPORTED``: the
 plugin then trains nothing and refuses to read out, with that reason, instead of misreading
@@ -421,6 +419,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.lora.utils", "parse_fine_tuned_lora_name", "function", "vllm_internals.py (lora_module_names)", positional=2),
     Internal("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA.set_lora", "method", "adapter_refresh.py",
              params=("self", "index", "lora_a", "lora_b"), exact=True, call=False),
+    Internal("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA", "class", "adapter_refresh.py (slot_rows)",
+             attrs=("lora_a_stacked", "lora_b_stacked")),
     Internal("vllm.v1.engine.async_llm", "AsyncLLM.remove_lora", "method", "api_server/adapter_registry.py",
              positional=1),
     Internal("vllm.lora.request", "LoRARequest", "class", "vllm_internals.py (reloading), api_server/adapter_registry.py, "

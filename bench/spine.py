@@ -19,7 +19,11 @@ default compiled mode).
 - inference_tokens_per_s_ratio_during_training: generated tokens/s of 16
   concurrent greedy streams while a training job runs / idle.
 - inference_tokens_per_s_ratio_vs_plain_vllm: the same streams with the plugin
-  (idle) / on plain ``vllm serve`` without it.
+  (idle) / on plain ``vllm serve`` without it; ``..._bf16``: the same in bf16;
+  ``moe_...``: the same on the MoE family's model (``qwen3_moe``, fp32).
+- linear_kernel_us: microseconds per call of each of the model's linear shapes at 1, 16 and
+  256 tokens: the plugin's (``live_kernels.linear_for``), ``F.linear`` on the same weight, vLLM's oneDNN
+  matmul on its packed copy; fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -79,6 +83,9 @@ def run(quick: bool = False, log=print) -> dict:
     (CACHE / "bench").mkdir(parents=True, exist_ok=True)
     threads = 1
     out: dict = {"benchmark": "spine", "machine": machine(), "model": {"preset": preset, "dtype": "float32"}, "mode": "compiled"}
+    # 0. Where the serving speed comes from: each linear of the bench model, per kernel, here.
+    log("phase 0: the linear kernels on the bench model's shapes")
+    out["linear_kernel_us"] = linear_kernel_us(path)
     with tempfile.TemporaryDirectory() as state:
         server = VllmServer(path, log_path=CACHE / "bench" / "spine-vllm.log", dtype="float32", eager=False, max_model_len=1024,
                             env={"HOGWILD_STATE_DIR": state, "HOGWILD_TRAINER_THREADS": str(threads),
@@ -88,19 +95,100 @@ def run(quick: bool = False, log=print) -> dict:
             measure(server, path, tok, threads, quick, out, log)
         finally:
             server.stop()
-    # 5. What the plugin costs inference when nothing trains (on CPU: F.linear on the
-    # live weights instead of oneDNN's packed copy; nothing changes on GPU).
+    # 5. What the plugin costs inference when nothing trains (on CPU: the live weights computed
+    # with ``live_kernels`` instead of vLLM's oneDNN-packed copies; nothing changes on GPU).
     log("phase 5: the same load on plain vLLM, without the plugin")
-    plain = VllmServer(path, log_path=CACHE / "bench" / "spine-plain-vllm.log", dtype="float32", eager=False,
+    out["inference_tokens_per_s_plain_vllm"] = plain_throughput(path, "float32")
+    out["inference_tokens_per_s_ratio_vs_plain_vllm"] = (out["inference_tokens_per_s_idle"]
+                                                         / out["inference_tokens_per_s_plain_vllm"])
+    # 6. The same comparison in bf16, the dtype people serve in, and on a MoE model (fp32).
+    log("phase 6: plugin vs plain vLLM in bf16, and on the MoE family")
+    out["inference_tokens_per_s_idle_bf16"] = plugin_throughput(path, "bfloat16")
+    out["inference_tokens_per_s_plain_vllm_bf16"] = plain_throughput(path, "bfloat16")
+    out["inference_tokens_per_s_ratio_vs_plain_vllm_bf16"] = (out["inference_tokens_per_s_idle_bf16"]
+                                                              / out["inference_tokens_per_s_plain_vllm_bf16"])
+    moe = moe_model_dir(preset)
+    out["moe_inference_tokens_per_s_idle"] = plugin_throughput(moe, "float32")
+    out["moe_inference_tokens_per_s_plain_vllm"] = plain_throughput(moe, "float32")
+    out["moe_inference_tokens_per_s_ratio_vs_plain_vllm"] = (out["moe_inference_tokens_per_s_idle"]
+                                                             / out["moe_inference_tokens_per_s_plain_vllm"])
+    return out
+
+
+def moe_model_dir(preset: str):
+    """The MoE family's model (``qwen3_moe``: 4 experts, 2 per token) at the bench's size, cached."""
+    from hogwild import tiny_model
+
+    out = CACHE / "models" / f"{preset}-qwen3_moe-float32"
+    if not (out / "config.json").exists():
+        tiny_model.build(out, arch="qwen3_moe", preset=preset)
+    return out
+
+
+def plugin_throughput(path, dtype: str) -> float:
+    """The 16 streams' tokens/s with the plugin, idle (its trainer up, nothing training)."""
+    with tempfile.TemporaryDirectory() as state:
+        server = VllmServer(path, log_path=CACHE / "bench" / f"spine-{path.name}-{dtype}-vllm.log", dtype=dtype, eager=False,
+                            max_model_len=1024, env={"HOGWILD_STATE_DIR": state, "HOGWILD_CHECKPOINT_AFTER_MINUTES": "0"})
+        server.start(timeout=900)
+        try:
+            server.wait_trainer(timeout=600)
+            generation_throughput(server.url, str(path), server.headers(), rounds=1)  # warm-up
+            return generation_throughput(server.url, str(path), server.headers(), rounds=3)
+        finally:
+            server.stop()
+
+
+def plain_throughput(path, dtype: str) -> float:
+    """The 16 streams' tokens/s on plain ``vllm serve`` (no plugin), after a warm-up round."""
+    plain = VllmServer(path, log_path=CACHE / "bench" / f"spine-plain-{path.name}-{dtype}-vllm.log", dtype=dtype, eager=False,
                        max_model_len=1024, env={"VLLM_PLUGINS": ""})
     plain.start(timeout=900)
     try:
         generation_throughput(plain.url, str(path), {}, rounds=1)  # warm-up
-        out["inference_tokens_per_s_plain_vllm"] = generation_throughput(plain.url, str(path), {}, rounds=3)
+        return generation_throughput(plain.url, str(path), {}, rounds=3)
     finally:
         plain.stop()
-    out["inference_tokens_per_s_ratio_vs_plain_vllm"] = out["inference_tokens_per_s_idle"] / out["inference_tokens_per_s_plain_vllm"]
-    return out
+
+
+def linear_kernel_us(path, rows=(1, 16, 256), threads: int = 2) -> dict:
+    """Microseconds per call of each linear shape of the model (q/k/v packed, o, gate/up packed,
+    down, lm_head) at ``rows`` tokens: ``linear_for`` the weight (what the plugin serves with), ``F.linear``
+    on the same weight (what it served with before), vLLM's oneDNN matmul on its packed copy
+    (plain vLLM), in fp32 and bf16, on vLLM's engine's thread count."""
+    import json
+
+    import torch.nn.functional as F
+    from vllm import _custom_ops as ops
+
+    from hogwild.plugin.model_runner.live_kernels import linear_for
+
+    c = json.loads((path / "config.json").read_text())
+    h, head = c["hidden_size"], c["hidden_size"] // c["num_attention_heads"]
+    shapes = {"qkv": (h + 2 * c["num_key_value_heads"] * head, h), "o": (h, h), "gate_up": (2 * c["intermediate_size"], h),
+              "down": (h, c["intermediate_size"]), "lm_head": (c["vocab_size"], h)}
+    torch.set_num_threads(threads)
+
+    def per_call(f, calls: int = 200) -> float:
+        for _ in range(10):
+            f()
+        started = time.perf_counter()
+        for _ in range(calls):
+            f()
+        return 1e6 * (time.perf_counter() - started) / calls
+
+    table: dict = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, (n, k) in shapes.items():
+            weight = torch.randn(n, k, dtype=dtype) / k**0.5
+            packed = ops.create_onednn_mm(weight.t(), 32)
+            for m in rows:
+                x = torch.randn(m, k, dtype=dtype)
+                table[f"{str(dtype)[6:]} {name} {n}x{k} rows {m}"] = {
+                    "plugin": per_call(lambda: linear_for(weight)(x, weight, None)),
+                    "f_linear": per_call(lambda: F.linear(x, weight)),
+                    "onednn_packed": per_call(lambda: ops.onednn_mm(packed, x, None))}
+    return table
 
 
 def measure(server: VllmServer, path, tok, threads: int, quick: bool, out: dict, log) -> dict:

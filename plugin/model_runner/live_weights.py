@@ -6,12 +6,13 @@ then change nothing, and the dry-run mapping (``weight_mapping``) would point at
 memory that no longer holds the weight. Three places do this in vLLM 0.32:
 
 - linear layers: repacked for oneDNN, ``layer.weight`` emptied
-  (``dispatch_cpu_unquantized_gemm``): computed with ``F.linear`` instead;
+  (``dispatch_cpu_unquantized_gemm``): computed from the parameter instead
+  (``live_kernels.linear_for``: the fastest kernel found that reads it in place);
 - Gated DeltaNet's causal conv1d weight ([C, 1, K]) in bf16: packed by the same
   dispatch; kept, and the conv kernels told it is not packed;
 - MoE experts: the intermediate size padded and ``w13``/``w2`` replaced by
   prepacked copies (``CPUUnquantizedExperts.process_weights_after_loading``):
-  kept as loaded, and the experts computed in torch from them, expert by expert.
+  kept as loaded, and the experts computed from them, expert by expert (``torch_experts``).
 
 Each patch applies only where the weights are published (``publishing``); else
 vLLM's fast paths stay. GPU backends compute with the loaded tensors already; any
@@ -24,15 +25,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import vllm_internals
-
-_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
-
+from .live_kernels import linear_for, torch_experts
 
 def patch_cpu_dispatch(publishing: Callable[[], bool]) -> None:
-    """Linear weights computed with ``F.linear`` on the live parameter; conv1d weights left unpacked."""
+    """Linear weights computed by ``live_linear`` from the live parameter; conv1d weights left unpacked."""
     utils = vllm_internals.linear_dispatch_module()
     original = utils.dispatch_cpu_unquantized_gemm
     if getattr(original, "hogwild_original", None):
@@ -43,7 +41,7 @@ def patch_cpu_dispatch(publishing: Callable[[], bool]) -> None:
         if w.is_meta or not publishing():
             return original(layer, remove_weight)
         if w.ndim == 2:
-            layer.cpu_linear = torch.nn.functional.linear
+            layer.cpu_linear = linear_for(w)
         elif not (w.ndim == 3 and w.shape[1] == 1):  # conv1d [C, 1, K] stays as loaded
             return original(layer, remove_weight)
 
@@ -72,30 +70,6 @@ def _patch_conv_kernels() -> None:
             wrapped = unpacked(kernel)
             wrapped.hogwild_original = kernel
             setattr(gdn_attention, name, wrapped)
-
-
-def torch_experts(output, hidden_states, w13, w2, w13_bias, w2_bias, topk_weights, topk_ids, activation: str,
-                  apply_router_weight_on_input: bool, expert_map=None) -> None:
-    """What vLLM's fused MoE computes, from [E, 2I, H] / [E, H, I] weights (gate rows
-    first in w13), one active expert at a time, as transformers does."""
-    act = _ACTIVATIONS[activation]
-    total = torch.zeros(hidden_states.shape[0], w2.shape[1], dtype=torch.float32, device=hidden_states.device)
-    ids = topk_ids if expert_map is None else expert_map[topk_ids.long()]
-    for e in torch.unique(ids).tolist():
-        if e < 0:
-            continue
-        token, slot = torch.where(ids == e)
-        h = hidden_states[token] @ w13[e].t()
-        if w13_bias is not None:
-            h = h + w13_bias[e]
-        gate, up = h.chunk(2, dim=-1)
-        y = (act(gate) * up) @ w2[e].t()
-        if w2_bias is not None:
-            y = y + w2_bias[e]
-        if not apply_router_weight_on_input:  # else already applied to the inputs
-            y = y * topk_weights[token, slot].unsqueeze(-1).to(y.dtype)
-        total.index_add_(0, token, y.float())
-    output.copy_(total.to(output.dtype))
 
 
 def patch_cpu_moe(publishing: Callable[[], bool]) -> None:

@@ -357,7 +357,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.utils", "CpuGpuBuffer", "class", "readout_tap.py (runner.query_start_loc.np)", attrs=("np",)),
     Internal("vllm.v1.worker.gpu_input_batch", "CachedRequestState", "class", "readout_tap.py",
              attrs=("sampling_params", "num_prompt_tokens")),
-    Internal("vllm.utils.torch_utils", "direct_register_custom_op", "function", "readout_tap.py", positional=2,
+    Internal("vllm.utils.torch_utils", "direct_register_custom_op", "function", "readout_tap.py, live_linear.py", positional=2,
              params=("mutates_args", "fake_impl", "target_lib")),
     # weight_mapping: the weight-transfer dry run
     Internal(f"{_RDT}.sharded_rdt_fake", "FakeRDTTensor", "class", "weight_mapping.py",

@@ -55,11 +55,12 @@ def test_an_in_place_update_is_seen_by_the_next_call_eager_and_compiled(rows, sh
     assert not torch.allclose(after, before)
 
 
-def test_moe_experts_computed_with_the_op_equal_a_dense_reference():
+@pytest.mark.parametrize("hidden,inter", [(32, 24), (512, 512)], ids=["small", "oneDNN-sized"])
+def test_moe_experts_computed_with_the_op_equal_a_dense_reference(hidden, inter):
     torch.manual_seed(0)
-    tokens, hidden, inter, experts, top_k = 6, 32, 24, 4, 2
+    tokens, experts, top_k = 6, 4, 2
     x = torch.randn(tokens, hidden)
-    w13, w2 = torch.randn(experts, 2 * inter, hidden) / 8, torch.randn(experts, hidden, inter) / 8
+    w13, w2 = torch.randn(experts, 2 * inter, hidden) / hidden**0.5, torch.randn(experts, hidden, inter) / inter**0.5
     weights, ids = torch.softmax(torch.randn(tokens, top_k), -1), torch.randint(0, experts, (tokens, top_k))
     out = torch.empty(tokens, hidden)
     torch_experts(out, x, w13, w2, None, None, weights, ids, "silu", False)

@@ -10,10 +10,11 @@ loaded, the new factors are copied in place, between two forward passes: into th
 vLLM's CPU copy of the adapter (as vLLM's loading makes them: the model's LoRA dtype, B times
 the scaling) and, when the adapter holds a LoRA slot, into that slot: through the layers' own
 ``set_lora`` the first time, then straight into the rows ``set_lora`` was seen to fill (one
-batched copy; a layer that lays them out otherwise keeps ``set_lora``). No call from the API server, no copy on disk, no object rebuilt. An adapter whose
-layout the copy does not know (a module that is neither a plain nor a packed linear, e.g. MoE
-experts; rsLoRA or per-module ranks) is loaded again through vLLM's own path instead
-(``load_inplace``). What was served and how long it took is written beside the stamp (``served``).
+batched copy; a layer that lays them out otherwise keeps ``set_lora``). No call from the API
+server, no copy on disk, no object rebuilt. An adapter whose layout the copy does not know (a
+module that is neither a plain nor a packed linear, e.g. MoE experts; rsLoRA or per-module
+ranks) is loaded again through vLLM's own path instead (``load_inplace``). What was served and
+how long it took is written beside the stamp (``served``).
 
 If an update fails, the error is logged and the version already loaded stays served until the
 trainer's next change (tried again then): an engine must not die for an adapter. Adapters

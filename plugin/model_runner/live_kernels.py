@@ -32,6 +32,12 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 ONEDNN_MIN_ELEMENTS = 1 << 19
 
 
+def _onednn_for(weight: torch.Tensor) -> bool:
+    """Whether oneDNN is the faster for ``weight`` (fp32, at least ``ONEDNN_MIN_ELEMENTS``); bf16 is
+    oneDNN in ``F.linear`` already, and a small weight's set-up costs more than the kernel saves."""
+    return _ONEDNN and weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_ELEMENTS
+
+
 def _live_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` by oneDNN, from ``weight`` as it is now."""
     if not _ONEDNN:
@@ -60,9 +66,12 @@ def _torch_experts(output: torch.Tensor, hidden_states: torch.Tensor, w13: torch
         if e < 0:
             continue
         token, slot = torch.where(ids == e)
-        h = linear_for(w13[e])(hidden_states[token], w13[e], w13_bias[e] if w13_bias is not None else None)
+        # Already inside an op: each expert's linears called as plain functions, not as ops again.
+        h = (_live_linear if _onednn_for(w13[e]) else F.linear)(hidden_states[token], w13[e],
+                                                                 w13_bias[e] if w13_bias is not None else None)
         gate, up = h.chunk(2, dim=-1)
-        y = linear_for(w2[e])(act(gate) * up, w2[e], w2_bias[e] if w2_bias is not None else None)
+        y = (_live_linear if _onednn_for(w2[e]) else F.linear)(act(gate) * up, w2[e],
+                                                                w2_bias[e] if w2_bias is not None else None)
         if not apply_router_weight_on_input:  # else already applied to the inputs
             y = y * topk_weights[token, slot].unsqueeze(-1).to(y.dtype)
         total.index_add_(0, token, y.float())
@@ -87,9 +96,6 @@ torch_experts = torch.ops.hogwild.torch_experts.default
 
 
 def linear_for(weight: torch.Tensor) -> Callable:
-    """What to compute a linear of ``weight`` with, live: the op where oneDNN is the faster (fp32,
-    at least ``ONEDNN_MIN_ELEMENTS``), else ``F.linear`` (bf16 is oneDNN there already; a small
-    weight's call costs more than the kernel saves), called directly: no op's dispatch to pay."""
-    if _ONEDNN and weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_ELEMENTS:
-        return live_linear
-    return F.linear
+    """What a linear layer computes ``weight`` with, live: the op where oneDNN is the faster,
+    else ``F.linear`` called directly (no op's dispatch to pay)."""
+    return live_linear if _onednn_for(weight) else F.linear
